@@ -1,0 +1,45 @@
+"""
+Attention implementations, by name.
+
+A variant is an nn.Module built as `Class(cfg)` from a GPTConfig that maps the
+block input x (B, T, C) to (B, T, C). It owns its QKV and output projections.
+Optional hooks the model and train.py use when present:
+  aux_loss() -> scalar tensor   regularizer added to the training loss
+  metrics()  -> dict            values logged with each step (tensors are fine)
+  set_step(step)                the optimizer step, for routing refreshed every N steps
+  reset_parameters()            re-applies the module's own init after GPT's generic init
+  attn_flop_mult: float         attention FLOPs relative to plain causal attention (for MFU)
+
+Adding a variant: one file in this folder plus one line in REGISTRY.
+Modules are imported on first use, so a variant that needs an optional
+package (e.g. Triton) does not break the others.
+"""
+
+import importlib
+
+# name -> "module:Class" (module relative to this package)
+REGISTRY = {
+    "sdpa": "sdpa:CausalSelfAttention",
+}
+
+
+def names():
+    """The registered attention names, in registry order."""
+    return list(REGISTRY)
+
+
+def check_name(name):
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(names())}")
+
+
+def get_class(name):
+    check_name(name)
+    module_name, cls_name = REGISTRY[name].split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, cls_name)
+
+
+def build(name, cfg):
+    """Return the attention module registered under `name`, built from cfg."""
+    return get_class(name)(cfg)

@@ -1,0 +1,212 @@
+"""
+GPT-2 with a pluggable attention layer.
+
+The architecture is GPT-2's (learned positions, pre-LayerNorm, GELU MLP, tied
+embeddings, scaled init of residual projections). The only thing that varies
+between experiments is the attention module, chosen by name from the
+`attention` registry (`GPTConfig.attn`). Attention options are flat `ra_*`
+fields here so that every one of them is also a train.py flag.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attention
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257  # the tokenizer's; the embedding is padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    attn: str = "sdpa"  # attention implementation, one of attention.names()
+    sdpa_backend: str = "auto"  # auto|flash|cudnn|efficient|math: force one SDPA backend
+    # --- reciprocal attention (RA) options; see attention/ra_*.py ---
+    ra_R: int = 8  # rank of the reciprocal channel (last R dims of each head)
+    ra_fused: bool = True  # fold the reciprocal channel into the QKV weight
+    ra_w_std_init: float = 0.5  # initial per-head weight of the standard term
+    ra_w_rec_init: float = 0.3  # initial per-head weight of the reciprocal term
+    ra_l1: float = 1e-2  # L1 weight on mean(w_rec) (head-selective variants)
+    ra_threshold: float = 0.1  # heads with w_rec below this become plain heads
+    ra_route_every: int = 0  # 0: route on the device every step; N: refresh the routing every N steps
+    ra_token_frac: float = 0.2  # target fraction of tokens that use the reciprocal channel
+    ra_token_penalty: float = 1.0  # weight of the token-fraction penalty
+    ra_quant: str = "none"  # none|int8 (|fp8 for the CTR kernel): precision of the reciprocal channel
+
+    @property
+    def padded_vocab_size(self):
+        return (self.vocab_size + 63) // 64 * 64
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    def validate(self):
+        """Raise ValueError with a hint on a config that cannot build a model."""
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.sdpa_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
+            raise ValueError(f"sdpa_backend={self.sdpa_backend!r}: use auto, flash, cudnn, efficient or math")
+        attention.check_name(self.attn)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True  # gets the scaled init
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = attention.build(cfg.attn, cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        self.apply(self._init_weights)
+        # attention modules may own parameters with their own init (gates, W); let them re-apply it
+        for block in self.transformer.h:
+            if hasattr(block.attn, "reset_parameters"):
+                block.attn.reset_parameters()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream
+            # does not grow with depth
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_proj", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab); the padded columns are never targets
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def aux_loss(self):
+        """Sum of the regularizers the attention modules report (a zero tensor when none)."""
+        total = torch.zeros((), device=self.lm_head.weight.device)
+        for block in self.transformer.h:
+            if hasattr(block.attn, "aux_loss"):
+                total = total + block.attn.aux_loss()
+        return total
+
+    def metrics(self):
+        """Per-layer attention metrics, {'attn/l{i}/{name}': value}, plus a mean over layers."""
+        out, sums = {}, {}
+        for i, block in enumerate(self.transformer.h):
+            if hasattr(block.attn, "metrics"):
+                for k, v in block.attn.metrics().items():
+                    v = float(v)  # one host sync per metric: only call this when logging
+                    out[f"attn/l{i}/{k}"] = v
+                    sums[k] = sums.get(k, 0.0) + v
+        for k, v in sums.items():
+            out[f"attn/mean/{k}"] = v / len(self.transformer.h)
+        return out
+
+    def set_step(self, step):
+        """Tell attention modules the optimizer step (for routing refreshed every N steps)."""
+        for block in self.transformer.h:
+            if hasattr(block.attn, "set_step"):
+                block.attn.set_step(step)
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token (forward + backward = 3x forward).
+
+        Weights: 6 * N (each parameter is a multiply-add forward, twice that backward),
+        N excluding the position table, which is a lookup. The tied lm_head is counted
+        once, as the matmul it is. Attention: causal QK^T and PV forward cost
+        2 * 2 * T * C / 2 per token per layer, so 6 * L * T * C for training, times the
+        attention module's `attn_flop_mult` (e.g. 1.5 for exact RA via a 2D-wide QK).
+        """
+        T = T or self.cfg.block_size
+        n = self.num_params(non_embedding=True)
+        attn = 0.0
+        for block in self.transformer.h:
+            attn += 6 * T * self.cfg.n_embd * getattr(block.attn, "attn_flop_mult", 1.0)
+        return 6 * n + attn
+
+    def configure_optimizer(self, weight_decay, lr, betas, device_type):
+        # decay the >=2-D weights (matmuls, embeddings); not biases, LayerNorms or per-head gates
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx (B, T); the context is cropped to block_size."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.cfg.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, : self.cfg.vocab_size] / max(temperature, 1e-6)  # drop the padding
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx
