@@ -1,0 +1,146 @@
+"""train.py end to end on CPU: CLI errors, a short run whose loss falls, exact resume, DDP (gloo), wandb offline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data.prepare import make_test_corpus  # noqa: E402
+
+# a model small enough that 30 CPU steps take seconds
+TINY = ["--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
+        "--block-size", "32", "--batch-size", "8", "--warmup-steps", "5", "--lr", "3e-3",
+        "--eval-every", "0", "--eval-batches", "2", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    glob = make_test_corpus(d / "txt", n_docs=40, seed=0)
+    return {"dataset": f"files:{glob}", "data_root": str(d / "data")}
+
+
+def run_train(args, corpus, tmp_path, env=None, check=True, timeout=300):
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", corpus["dataset"],
+           "--data-root", corpus["data_root"], "--out-dir", str(tmp_path / "runs"), *args]
+    e = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_help_lists_every_field():
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0
+    for flag in ("--attn", "--preset", "--dataset", "--tokenizer", "--max-steps", "--batch-size", "--block-size",
+                 "--out-dir", "--seed", "--resume", "--compile", "--wandb", "--ra-R", "--n-layer", "--sdpa-backend"):
+        assert flag in p.stdout, flag
+    assert "sdpa" in p.stdout  # the attention names are listed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attn", "nope"], "unknown attention 'nope'; valid names"),
+    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--max-steps", "-5"], "--max-steps=-5 must be positive"),
+    (["--batch-size", "abc"], "invalid int value: 'abc'"),
+    (["--compile", "maybe"], "expected true/false"),
+    (["--preset", "huge"], "unknown preset 'huge'; available:"),
+    (["--n-embd", "65"], "must be divisible by n_head"),
+    (["--tokenizer", "bpe"], "use gpt2 or bytes"),
+])
+def test_bad_cli_input_fails_before_work(args, message, tmp_path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "train.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr, p.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_short_run_loss_falls_and_logs(corpus, tmp_path):
+    run_train(["--max-steps", "30", "--run-name", "falls", "--eval-every", "15"], corpus, tmp_path)
+    run = tmp_path / "runs" / "falls"
+    log = read_log(run / "log.jsonl")
+    train = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    for key in ("aux_loss", "lr", "ms_per_step", "tokens_per_s"):
+        assert key in train[-1]
+    assert "mfu" not in train[-1]  # unknown peak on a CPU: omitted, not made up
+    assert [r["step"] for r in log if "val_loss" in r] == [15, 30]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["attn"] == "sdpa" and cfg["n_layer"] == 2 and cfg["vocab_size"] == 256
+    assert (run / "ckpt.pt").exists() and json.loads((run / "summary.json").read_text())["status"] == "done"
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    common = ["--lr-decay-steps", "16", "--grad-accum", "2"]
+    run_train(["--max-steps", "16", "--run-name", "straight", *common], corpus, tmp_path)
+    run_train(["--max-steps", "8", "--run-name", "split", *common], corpus, tmp_path)
+    run_train(["--max-steps", "16", "--run-name", "split", "--resume", *common], corpus, tmp_path)
+    straight = {r["step"]: r["loss"] for r in read_log(tmp_path / "runs/straight/log.jsonl") if "loss" in r}
+    split = {r["step"]: r["loss"] for r in read_log(tmp_path / "runs/split/log.jsonl") if "loss" in r}
+    assert sorted(split) == list(range(1, 17))
+    for s in range(1, 17):
+        assert split[s] == pytest.approx(straight[s], abs=1e-6), s
+
+
+def test_sigterm_checkpoints_then_resume(corpus, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", corpus["dataset"], "--data-root",
+           corpus["data_root"], "--out-dir", str(tmp_path / "runs"), "--run-name", "sig", "--max-steps", "100000"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "WANDB_MODE": "disabled"})
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith("step") and "loss" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    assert "stopped by signal" in out
+    ckpt_step = json.loads((tmp_path / "runs/sig/summary.json").read_text())["step"]
+    p2 = run_train(["--run-name", "sig", "--resume", "--max-steps", str(ckpt_step + 3)], corpus, tmp_path)
+    assert f"resuming sig from step {ckpt_step}" in p2.stdout
+
+
+def test_nonfinite_loss_stops_with_message(corpus, tmp_path):
+    p = run_train(["--max-steps", "30", "--run-name", "nan", "--lr", "1e9", "--min-lr", "1e8", "--warmup-steps",
+                   "0", "--grad-clip", "0"], corpus, tmp_path, check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "stopping: the loss is" in p.stdout
+
+
+def test_torchrun_gloo_two_processes(corpus, tmp_path):
+    # prepare first so both ranks find the data
+    run_train(["--max-steps", "1", "--run-name", "prep"], corpus, tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *TINY, "--dataset", corpus["dataset"], "--data-root", corpus["data_root"],
+           "--out-dir", str(tmp_path / "runs"), "--run-name", "ddp", "--max-steps", "6", "--eval-every", "3"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ddp: parameters identical across 2 ranks" in p.stdout
+    log = read_log(tmp_path / "runs/ddp/log.jsonl")
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
+    assert "world=2" in p.stdout
+
+
+def test_wandb_offline_writes_files(corpus, tmp_path):
+    pytest.importorskip("wandb")
+    run_train(["--max-steps", "3", "--run-name", "wb", "--wandb", "--wandb-group", "g"], corpus, tmp_path,
+              env={"WANDB_MODE": "offline"})
+    runs = list((tmp_path / "runs/wb/wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].rglob("*.wandb"))
