@@ -307,7 +307,9 @@ def main(argv=None):
     np.random.seed(tc.seed)
     model = GPT(mc).to(device)
     optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
-    loader = TokenLoader(data_dir, "train", tc.batch_size, mc.block_size, rank=rank, world_size=world, seed=tc.seed)
+    # pinned host batches make the copy truly asynchronous; a pageable copy would sync the host every step
+    loader = TokenLoader(data_dir, "train", tc.batch_size, mc.block_size, rank=rank, world_size=world, seed=tc.seed,
+                         pin_memory=device.type == "cuda")
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
