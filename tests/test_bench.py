@@ -1,0 +1,83 @@
+"""bench.py's CPU smoke run: every registered variant gets rows, sdpa is the 1.0 baseline, failures stay in their row."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attention  # noqa: E402
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert bench.main(["--device", "cpu", "--what", "all", "--T", "32", "--reps", "2", "--step-reps", "2", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_smoke_run_covers_every_variant(smoke):
+    meta, rows = smoke["meta"], smoke["rows"]
+    assert meta["smoke"] and meta["device"] == "cpu" and meta["torch"] and meta["date"] and "--what" in meta["argv"]
+    assert {r["section"] for r in rows} == {"attn", "step", "sweep_R", "sweep_T", "sweep_heads"}
+    for name in attention.names() + ["roadmap_unfused"]:
+        for section, kind, passes in [("attn", "module", "fwd"), ("attn", "module", "fwd+bwd"), ("step", "model", "eager")]:
+            assert any(r["section"] == section and r["kind"] == kind and r["variant"] == name and r["passes"] == passes
+                       for r in rows), (name, section, passes)
+    assert all(r["status"] != "pending" for r in rows)
+    # the baseline and the roadmap's own formulation (both defined without optional packages) run everywhere
+    for r in rows:
+        if r["variant"] in ("sdpa", "roadmap_unfused"):
+            assert r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0, r
+    sdpa = [r for r in rows if r["variant"] == "sdpa"]
+    assert sdpa and all(r["ratio"] == 1.0 for r in sdpa)
+    # ratios are ms / sdpa ms of the same section, pass and setting
+    step = {r["variant"]: r for r in rows if r["section"] == "step" and r["status"] == "ok"}
+    for r in step.values():
+        assert r["ratio"] == pytest.approx(r["ms"] / step["sdpa"]["ms"])
+        assert r["params"]["flops_per_token"] > 0 and r["tokens_per_s"] > 0
+    assert {r["setting"] for r in rows if r["section"] == "sweep_R" and r["variant"] == "roadmap_unfused"} == {
+        "R=4", "R=8", "R=12", "R=16"}
+    assert {r["setting"] for r in rows if r["section"] == "sweep_T"} == {"T=32", "T=64", "T=128"}
+
+
+def test_failing_variant_is_reported_not_fatal(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(attention.REGISTRY, "broken", "sdpa:NoSuchClass")
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--what", "attn,step", "--variants", "broken", "--reps", "1",
+                       "--step-reps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"sdpa", "broken"}  # sdpa always runs as the baseline
+    broken = [r for r in rows if r["variant"] == "broken"]
+    assert broken and all(r["status"].startswith("error: AttributeError") and r["ms"] is None for r in broken)
+    assert all(r["status"] == "ok" for r in rows if r["variant"] == "sdpa")
+    assert "SMOKE RUN (CPU)" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--variants", "sdpa,nope"])
+    err = capsys.readouterr().err
+    assert "unknown variant(s) nope" in err and "roadmap_unfused" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--sweep", "X"])
+
+
+def test_roadmap_unfused_matches_its_formula():
+    """Its scores are q_i.k_j over D-R dims plus (k_i W).(q_j W): check against explicit softmax."""
+    import torch
+
+    torch.manual_seed(0)
+    B, H, T, D, R = 1, 2, 5, 8, 3
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    torch.manual_seed(1)
+    y = bench.roadmap_unfused_attention(q, k, v, R)
+    torch.manual_seed(1)
+    W = torch.randn(D, R)  # the same fresh W the function draws
+    s = q[..., :D - R] @ k[..., :D - R].transpose(-1, -2) + (k @ W) @ (q @ W).transpose(-1, -2)
+    s = (s / D ** 0.5).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(y, s.softmax(-1) @ v)
