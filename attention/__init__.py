@@ -20,6 +20,11 @@ import importlib
 # name -> "module:Class" (module relative to this package)
 REGISTRY = {
     "sdpa": "sdpa:CausalSelfAttention",
+    "ra_same_flop": "ra_same_flop:SameFlopRA",
+    "ra_headsel": "ra_headsel:HeadSelRA",
+    "ra_tokensel": "ra_tokensel:TokenSelRA",
+    "ra_exact": "ra_exact:ExactRA",
+    "ra_swap": "ra_swap:SwapRA",
 }
 
 

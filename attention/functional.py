@@ -35,3 +35,179 @@ def sdpa_causal(q, k, v, backend="auto", dropout_p=0.0, scale=None):
     """Causal softmax attention (B, H, T, D) -> (B, H, T, Dv), optionally on one forced backend."""
     with backend_context(backend):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+
+
+# ---------------------------------------------------------------------------
+# Reciprocal attention (RA)
+#
+# Exact RA adds the "reciprocal" score q_j . k_i (how much key position j's query
+# looks at i's key) to the standard q_i . k_j, per head:
+#
+#     s_ij = scale * (a_h * q_i . k_j + b_h * q_j . k_i),   j <= i
+#
+# Same-FLOP RA approximates the reciprocal term inside the baseline's head dim D:
+# the last R dims of each head carry a rank-R reciprocal channel through a
+# low-rank W (D, R) shared by the heads of a layer,
+#
+#     Qf = [s_std * Q[..., :D-R], s_rec * (K @ W)]      (B, H, T, D)
+#     Kf = [s_std * K[..., :D-R], s_rec * (Q @ W)]
+#     Qf_i . Kf_j = w_std * q_i[:D-R] . k_j[:D-R] + w_rec * (k_i W) . (q_j W)
+#
+# with w = s^2 per head, so SDPA(Qf, Kf, V) costs exactly the baseline's FLOPs.
+# The modules learn the amplitudes s (not w): w = s^2 is non-negative for free and,
+# unlike sqrt(w), has a finite gradient as w -> 0.
+# ---------------------------------------------------------------------------
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.5
+RA_QUANT_MODES = ("none", "int8")  # what the PyTorch paths implement; the CTR kernel adds 'fp8'
+
+
+def check_ra_quant(mode, supported=RA_QUANT_MODES, where="this attention"):
+    """Raise ValueError unless `mode` is a reciprocal-channel precision that `where` implements."""
+    if mode not in supported:
+        hint = " ('fp8' needs the CTR kernel: --attn ra_ctr)" if mode == "fp8" else ""
+        raise ValueError(f"ra_quant={mode!r} is not supported by {where}; use one of {', '.join(supported)}{hint}")
+
+
+def _per_head(w, x):
+    """(H,) per-head weights -> (1, H, 1, 1) in x's dtype, for (B, H, T, D) tensors."""
+    return w.to(x.dtype).view(1, -1, 1, 1)
+
+
+def _causal_mask(T, device):
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)  # True above the diagonal: j > i
+
+
+def _ra_operands(q, k, a, b):
+    """Exact RA as one dot product: q' = [q, k], k' = [a k, b q] (B, H, T, 2D)."""
+    return torch.cat([q, k], dim=-1), torch.cat([_per_head(a, k) * k, _per_head(b, q) * q], dim=-1)
+
+
+def reciprocal_attention_matmul(q, k, v, a, b, scale=None):
+    """Exact RA with explicit (B, H, T, T) scores: the fallback where SDPA cannot take Dqk != Dv."""
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    qk = q @ k.transpose(-1, -2)  # (B, H, T, T): qk[i, j] = q_i . k_j
+    s = scale * (_per_head(a, q) * qk + _per_head(b, q) * qk.transpose(-1, -2))  # + q_j . k_i
+    s = s.masked_fill(_causal_mask(q.size(-2), q.device), float("-inf"))
+    return s.softmax(-1) @ v  # (B, H, T, D)
+
+
+def reciprocal_attention(q, k, v, a, b, scale=None):
+    """Exact RA (B, H, T, D) -> (B, H, T, D); a, b are the (H,) weights of q_i.k_j and q_j.k_i.
+
+    One SDPA call over folded operands of head dim 2D:
+        q' = [q, k],  k' = [a * k, b * q]  =>  q'_i . k'_j = a q_i.k_j + b k_i.q_j
+    V keeps head dim D, so the scale (default 1/sqrt(D), not 1/sqrt(2D)) is passed
+    explicitly. Backends that need equal qk/v head dims (flash) refuse the shape; PyTorch's
+    own choice ('auto') falls to efficient/cuDNN/math, which take it. Where a forced
+    backend refuses, the explicit-scores path runs instead (eager only: a compiled graph
+    must not force such a backend, see ra_exact).
+    """
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    qf, kf = _ra_operands(q, k, a, b)  # (B, H, T, 2D)
+    try:
+        return F.scaled_dot_product_attention(qf, kf, v, is_causal=True, scale=scale)
+    except RuntimeError as e:  # "No available kernel" under a forced backend; never swallow OOM
+        if isinstance(e, _OOM):
+            raise
+        return reciprocal_attention_matmul(q, k, v, a, b, scale)
+
+
+def reciprocal_attention_padded_v(q, k, v, a, b, scale=None):
+    """Exact RA for backends that need equal qk/v head dims (flash): V zero-padded to 2D.
+
+    The PV product doubles (1 + 1 + 2 = 2x baseline FLOPs instead of 1.5x) but the
+    scores never leave the fused kernel, unlike reciprocal_attention_matmul.
+    """
+    D = q.size(-1)
+    scale = D ** -0.5 if scale is None else scale
+    qf, kf = _ra_operands(q, k, a, b)  # (B, H, T, 2D)
+    y = F.scaled_dot_product_attention(qf, kf, F.pad(v, (0, D)), is_causal=True, scale=scale)
+    return y[..., :D]  # (B, H, T, D)
+
+
+def same_flop_qk(q, k, W, s_std, s_rec, rec_on=None):
+    """Same-FLOP RA operands from activations: (B, H, T, D) q, k -> Qf, Kf (B, H, T, D).
+
+    W (D, R); s_std, s_rec (H,) amplitudes (w = s^2). rec_on (H,) bool, optional: heads
+    where it is False are plain heads, Qf = s_std * q, Kf = s_std * k over all D dims.
+    """
+    Ds = q.size(-1) - W.size(1)
+    s, r = _per_head(s_std, q), _per_head(s_rec, q)
+    q_rec = r * (k @ W.to(k.dtype))  # (B, H, T, R): the query side carries the key's projection
+    k_rec = r * (q @ W.to(q.dtype))  # (B, H, T, R)
+    if rec_on is not None:  # on the device: no host sync, one graph for every routing
+        on = rec_on.view(1, -1, 1, 1)
+        q_rec = torch.where(on, q_rec, s * q[..., Ds:])
+        k_rec = torch.where(on, k_rec, s * k[..., Ds:])
+    qf = torch.cat([s * q[..., :Ds], q_rec], dim=-1)
+    kf = torch.cat([s * k[..., :Ds], k_rec], dim=-1)
+    return qf, kf
+
+
+def ra_same_flop(q, k, v, W, w_std, w_rec):
+    """Same-FLOP RA (B, H, T, D) -> (B, H, T, D), unfused; W (D, R); w_std, w_rec (H,) >= 0."""
+    qf, kf = same_flop_qk(q, k, W, w_std.sqrt(), w_rec.sqrt())
+    return F.scaled_dot_product_attention(qf, kf, v, is_causal=True, scale=q.size(-1) ** -0.5)
+
+
+def fold_same_flop_qkv(weight, bias, W, s_std, s_rec, rec_on=None):
+    """Fold same-FLOP RA into a QKV projection, so ONE F.linear emits Qf, Kf, V.
+
+    weight (3C, C), bias (3C,) or None: nn.Linear layout, rows [q | k | v], D rows per head.
+    Since K @ W = x @ (Wk_h^T W) + bk_h W, the reciprocal channel is R more rows per head:
+        Qf_h rows = [s_std * Wq_h[:D-R], s_rec * W^T Wk_h]
+        Kf_h rows = [s_std * Wk_h[:D-R], s_rec * W^T Wq_h]
+    (rows D-R: of plain heads, rec_on False, stay s_std * W{q,k}_h[D-R:]). Returns the
+    folded (weight, bias). Everything is a (2, H, D, C) view of the weight: one small
+    batched matmul plus pointwise work that torch.compile fuses into one kernel.
+    """
+    C = weight.size(1)
+    H = s_std.numel()
+    D, R = W.size(0), W.size(1)
+    Ds = D - R
+    s = s_std.view(1, H, 1, 1)
+    r = s_rec.view(1, H, 1, 1)
+    on = None if rec_on is None else rec_on.view(1, H, 1, 1)
+
+    def fold(w):  # w: (2, H, D, X), [q, k] first; X = C for the weight, 1 for the bias
+        rec = torch.matmul(W.t().to(w.dtype), w).flip(0)  # (2, H, R, X): Qf gets W^T Wk, Kf gets W^T Wq
+        rec = r * rec
+        if on is not None:
+            rec = torch.where(on, rec, s * w[:, :, Ds:])
+        return torch.cat([s * w[:, :, :Ds], rec], dim=2)  # (2, H, D, X)
+
+    w_fold = torch.cat([fold(weight[: 2 * C].view(2, H, D, C)).reshape(2 * C, C), weight[2 * C:]], dim=0)
+    b_fold = None
+    if bias is not None:
+        b_fold = torch.cat([fold(bias[: 2 * C].view(2, H, D, 1)).reshape(2 * C), bias[2 * C:]], dim=0)
+    return w_fold, b_fold
+
+
+def _int8_absmax_scale(x):
+    """Per-row symmetric int8 scale (..., 1) from the absmax of the last dim."""
+    return x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+
+
+def _fake_quant(x, scale):
+    """Round x to the int8 grid of `scale`, with a straight-through (identity) gradient."""
+    xq = (x.detach() / scale).round().clamp(-127, 127) * scale
+    return x + (xq - x.detach())
+
+
+def fake_quant_int8(x):
+    """Symmetric int8 fake quantization along the last dim (per-row absmax scale), straight-through."""
+    return _fake_quant(x, _int8_absmax_scale(x))
+
+
+def quantize_rec(x, R, mode, rec_on=None):
+    """Fake-quantize the last R (reciprocal) dims of Qf or Kf (B, H, T, D); plain heads untouched."""
+    if mode == "none":
+        return x
+    check_ra_quant(mode)
+    D = x.size(-1)
+    col = torch.arange(D, device=x.device) >= D - R  # (D,) the reciprocal columns
+    if rec_on is not None:
+        col = col & rec_on.view(1, -1, 1, 1)  # (1, H, 1, D)
+    # the scale is the absmax of the R columns only: the standard dims must not swamp the channel
+    return torch.where(col, _fake_quant(x, _int8_absmax_scale(x[..., D - R:])), x)

@@ -1,0 +1,71 @@
+"""
+ra_exact: exact reciprocal attention (RA).
+
+Per head h, query i, key j <= i:
+    s_ij = (a_h q_i.k_j + b_h q_j.k_i) / sqrt(D)
+    y_i  = sum_{j <= i} softmax_j(s_ij) v_j
+The reciprocal term q_j.k_i is how strongly key position j's query would attend to
+i's key: a pair scores high when either side looks for the other.
+
+Computed by functional.reciprocal_attention: one SDPA call over q' = [q, k],
+k' = [a k, b q] (head dim 2D, V keeps D), so the QK product is twice as wide:
+attention FLOPs are 1.5x the baseline's (attn_flop_mult). PyTorch's own backend
+choice takes Dqk != Dv; a forced flash or cuDNN backend (sdpa_backend) gets V padded
+to 2D instead (reciprocal_attention_padded_v: 2x FLOPs, still one fused kernel).
+
+a, b: learnable per head, unconstrained (a negative b, "anti-reciprocal", is allowed:
+the folded product needs no square root). Init a = ra_w_std_init, b = ra_w_rec_init,
+the same knobs and values as the same-FLOP variants, so one flag sets every RA
+variant's start; --ra_w_std_init 1 starts the standard term at baseline strength.
+Attention-probability dropout is not applied (the fused call has no dropout
+argument); residual dropout is.
+"""
+
+import torch
+import torch.nn as nn
+
+from attention.functional import backend_context, reciprocal_attention, reciprocal_attention_padded_v
+
+
+class ExactRA(nn.Module):
+    attn_flop_mult = 1.5  # QK^T over 2D dims (2x) + PV over D dims (1x), vs 1 + 1
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.backend = cfg.sdpa_backend
+        self.a_init = cfg.ra_w_std_init
+        self.b_init = cfg.ra_w_rec_init
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True  # GPT-2 scaled init
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.a = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_i.k_j
+        self.b = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_j.k_i
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        self.a.fill_(self.a_init)
+        self.b.fill_(self.b_init)
+
+    def heads(self, x):
+        """Per-head attention output (B, nh, T, hs), before the output projection."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # flash (and cuDNN) need equal qk/v head dims: pad V rather than leave the fused kernel
+        ra = reciprocal_attention_padded_v if self.backend in ("flash", "cudnn") else reciprocal_attention
+        with backend_context(self.backend):
+            return ra(q, k, v, self.a, self.b)  # scale 1/sqrt(hs)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        y = self.heads(x).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def metrics(self):
+        return {"a": self.a.detach().mean(), "b": self.b.detach().mean()}

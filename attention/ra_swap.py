@@ -1,0 +1,62 @@
+"""
+ra_swap: standard attention plus a gated "swapped" attention with the roles of q and k
+exchanged, per head:
+
+    y_i   = sum_{j <= i} softmax_j(q_i.k_j / sqrt(D)) v_j                  SDPA(q, k, v)
+    r_i   = sum_{j <= i} softmax_j(k_i.q_j / sqrt(D)) v_j                  SDPA(k, q, v)
+    out_i = y_i + tanh(beta) * LayerNorm(r_i)
+
+r is causal like y (position i still only sees j <= i); its score k_i.q_j is the
+reciprocal term of exact RA, here normalized by its own softmax instead of added to
+the standard logits. LayerNorm (over each head's D dims, no affine) puts r on a fixed
+scale so that beta alone sets the mix; tanh bounds it to (-1, 1).
+beta: one learnable scalar per layer, init 0, so the model starts as the baseline
+(beta still gets a gradient at 0: d tanh/d beta = 1). Two SDPA calls: attention
+FLOPs are 2x the baseline's.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention.functional import sdpa_causal
+
+
+class SwapRA(nn.Module):
+    attn_flop_mult = 2.0  # two full causal attentions
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.backend = cfg.sdpa_backend
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True  # GPT-2 scaled init
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.beta = nn.Parameter(torch.zeros(1))  # mix of the swapped attention
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        self.beta.zero_()
+
+    def heads(self, x):
+        """Per-head attention output (B, nh, T, hs), before the output projection."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        y = sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs)
+        r = sdpa_causal(k, q, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs): k_i . q_j
+        return y + torch.tanh(self.beta) * F.layer_norm(r, r.shape[-1:])
+
+    def forward(self, x):
+        B, T, C = x.shape
+        y = self.heads(x).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def metrics(self):
+        return {"beta": self.beta.detach()[0]}

@@ -1,0 +1,81 @@
+"""
+ra_tokensel: same-FLOP RA (ra_same_flop.py) whose reciprocal channel each query token
+switches on or off by itself.
+
+A light scorer reads only token i's own block input x_i (B, T, C):
+    g_i = sigmoid(x_i . u + c),   m_i = 1[g_i > 0.5]
+and m_i gates the R reciprocal columns of query i:
+    Qf_i = [s_std q_i[:D-R], m_i * s_rec k_i W]        Kf unchanged
+    => s_ij = w_std q_i[:D-R].k_j[:D-R] + m_i w_rec (k_i W).(q_j W)
+A selected token attends with RA scores; an unselected one with the standard
+D-R dims only. The decision is a threshold on g_i, never a top-k over the sequence,
+in which later tokens would decide an earlier token's path (breaking causality).
+
+Gating: straight-through. The forward uses the hard m_i (the selection a sparse kernel
+would skip on); the backward treats m_i as g_i (dm/dg = 1), so the task gradient of
+the reciprocal term, sum_cols dL/dQf_i[rec] * Qf_i[rec], trains the scorer.
+Target fraction: aux_loss = ra_token_penalty * (mean(m_st) - ra_token_frac)^2 with
+m_st = m + g - g.detach(): its value is the true selected fraction (a soft mean(g)
+could sit at the target with no token above 0.5), its gradient moves every g.
+Scorer init: u ~ N(0, 0.02), c = 0, so about half of the tokens start selected and the
+penalty pulls the fraction to the target.
+
+Cost: the scorer is a (C -> 1) dot product per token, written as multiply-and-sum so
+torch.compile makes it one row reduction; the gate multiplies only the R reciprocal
+columns of Qf (the rest is copied through in the same fused kernel). One SDPA call.
+metrics(): tok_frac, the selected fraction of the last forward.
+"""
+
+import torch
+import torch.nn as nn
+
+from attention.ra_same_flop import SameFlopRA
+
+
+class TokenSelRA(SameFlopRA):
+    name = "ra_tokensel"
+
+    def __init__(self, cfg):
+        if not 0.0 <= cfg.ra_token_frac <= 1.0:
+            raise ValueError(f"ra_token_frac={cfg.ra_token_frac} must be in [0, 1]")
+        self.token_frac = cfg.ra_token_frac
+        self.token_penalty = cfg.ra_token_penalty
+        super().__init__(cfg)
+        self.scorer = nn.Linear(cfg.n_embd, 1, bias=True)
+        self._sel = None  # straight-through selected fraction of the last forward (for aux_loss)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        super().reset_parameters()
+        if hasattr(self, "scorer"):  # the base __init__ calls this before the scorer exists
+            nn.init.normal_(self.scorer.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(self.scorer.bias)
+
+    def gate_queries(self, x, q):
+        B, T, C = x.shape
+        Ds = q.size(-1) - self.R
+        # the (C -> 1) scorer as a multiply-and-sum rather than a GEMM: compiled, it is one fused
+        # row reduction over x (a 1-column GEMM would be its own cuBLAS call, forward and backward)
+        logit = (x * self.scorer.weight[0]).sum(-1) + self.scorer.bias  # (B, T): token i's own state only
+        g = torch.sigmoid(logit)
+        m = (g > 0.5).to(g.dtype)
+        m = m + g - g.detach()  # forward: the hard 0/1 selection; backward: straight-through to g
+        self._sel = m.mean()
+        # only the R reciprocal columns of Qf are scaled; the standard ones pass through. Built in
+        # the projection's (B, T, nh, hs) layout, so SDPA's grad for it arrives in that layout too
+        # and merges into the QKV-projection grad without a transposed (uncoalesced) pass
+        q = q.transpose(1, 2)  # (B, T, nh, hs)
+        q_rec = q[..., Ds:] * m.view(B, T, 1, 1).to(q.dtype)  # (B, T, nh, R)
+        return torch.cat([q[..., :Ds], q_rec], dim=-1).transpose(1, 2)  # (B, nh, T, hs)
+
+    def aux_loss(self):
+        if self._sel is None:
+            return torch.zeros((), device=self.s_rec.device)
+        return self.token_penalty * (self._sel - self.token_frac) ** 2
+
+    def metrics(self):
+        out = super().metrics()
+        if self._sel is not None:
+            out["tok_frac"] = self._sel.detach()
+        return out

@@ -1,0 +1,495 @@
+"""Reciprocal attention (attention/ra_*.py, attention/functional.py) against plain float64 references.
+
+The references below are written out with explicit score matrices, an explicit causal
+mask and softmax, so they share no code with the implementations under test.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention
+from attention import functional as AF
+from model import GPT, GPTConfig
+
+RA_NAMES = ["ra_same_flop", "ra_headsel", "ra_tokensel", "ra_exact", "ra_swap"]
+TOL64 = dict(rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# plain float64 references
+# ---------------------------------------------------------------------------
+
+def ref_softmax_attend(s, v):
+    """s (B, H, T, T) raw scores with s[..., i, j] for query i, key j; causal softmax, then @ v."""
+    T = s.size(-1)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # j > i
+    s = s.masked_fill(future, float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    return p @ v
+
+
+def ref_exact(q, k, v, a, b):
+    D = q.size(-1)
+    qk = q @ k.transpose(-1, -2)  # [i, j] = q_i . k_j
+    kq = k @ q.transpose(-1, -2)  # [i, j] = k_i . q_j  (= q_j . k_i)
+    s = (a.view(1, -1, 1, 1) * qk + b.view(1, -1, 1, 1) * kq) / math.sqrt(D)
+    return ref_softmax_attend(s, v)
+
+
+def ref_same_flop(q, k, v, W, w_std, w_rec, rec_on=None, q_gate=None):
+    """Same-FLOP RA scores: w_std q_i[:Ds].k_j[:Ds] + w_rec (k_i W).(q_j W), over sqrt(D).
+
+    rec_on (H,) bool: False heads are plain (w_std q_i.k_j over all D dims).
+    q_gate (B, T): per-query multiplier of the reciprocal term (token selection).
+    """
+    D, R = q.size(-1), W.size(1)
+    Ds = D - R
+    std = q[..., :Ds] @ k[..., :Ds].transpose(-1, -2)
+    full = q @ k.transpose(-1, -2)
+    rec = (k @ W) @ (q @ W).transpose(-1, -2)  # [i, j] = (k_i W) . (q_j W)
+    if q_gate is not None:
+        rec = rec * q_gate[:, None, :, None]
+    ws, wr = w_std.view(1, -1, 1, 1), w_rec.view(1, -1, 1, 1)
+    s = ws * std + wr * rec
+    if rec_on is not None:
+        s = torch.where(rec_on.view(1, -1, 1, 1), s, ws * full)
+    return ref_softmax_attend(s / math.sqrt(D), v)
+
+
+def qkv_heads(mod, x):
+    """Plain (B, nh, T, hs) q, k, v from a module's c_attn."""
+    B, T, C = x.shape
+    H = mod.n_head
+    q, k, v = mod.c_attn(x).split(C, dim=2)
+    return [t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v)]
+
+
+def cfg_for(name="ra_same_flop", **kw):
+    base = dict(n_layer=2, n_head=3, n_embd=96, block_size=128, vocab_size=64, attn=name)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def build64(name, seed=0, **kw):
+    """A float64 attention module with non-trivial gates, W and biases."""
+    torch.manual_seed(seed)
+    mod = attention.build(name, cfg_for(name, **kw)).double()
+    with torch.no_grad():
+        for p in mod.c_attn.parameters():
+            p.normal_(0, 0.2)
+        if hasattr(mod, "W"):
+            mod.W.normal_(0, 0.3)
+            mod.s_std.copy_(torch.rand(mod.n_head, dtype=torch.float64) + 0.5)
+            mod.s_rec.copy_(torch.rand(mod.n_head, dtype=torch.float64) + 0.5)
+    return mod
+
+
+def grads(out, tensors, seed=1):
+    torch.manual_seed(seed)
+    g = torch.randn(out.shape, dtype=out.dtype)  # not randn_like: it copies strides, so values land elsewhere
+    return torch.autograd.grad(out, tensors, g, allow_unused=True, retain_graph=True)
+
+
+def rand(*shape, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------
+# functional
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("D", [32, 64])
+def test_reciprocal_attention_matches_reference(D):
+    B, H, T = 2, 3, 77
+    q, k, v = (rand(B, H, T, D, seed=i).requires_grad_() for i in range(3))
+    a = (torch.rand(H, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.rand(H, dtype=torch.float64) - 0.5).requires_grad_()  # a negative b is allowed
+    inputs = (q, k, v, a, b)
+    ref = ref_exact(*inputs)
+    for fn in (AF.reciprocal_attention, AF.reciprocal_attention_matmul, AF.reciprocal_attention_padded_v):
+        out = fn(*inputs)
+        torch.testing.assert_close(out, ref, **TOL64)
+        for g, g_ref in zip(grads(out, inputs), grads(ref, inputs)):
+            torch.testing.assert_close(g, g_ref, **TOL64)
+    # float32 against the float64 reference
+    out32 = AF.reciprocal_attention(*(t.detach().float() for t in inputs))
+    torch.testing.assert_close(out32.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_reciprocal_attention_falls_back_under_a_backend_that_refuses_the_shape():
+    if AF.sdpa_kernel is None:
+        pytest.skip("torch without torch.nn.attention")
+    q, k, v = (rand(1, 3, 77, 32, seed=i).float() for i in range(3))
+    a, b = torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.3, -0.2, 0.0])
+    ref = ref_exact(q.double(), k.double(), v.double(), a.double(), b.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SDPA warns why each kernel refused
+        with AF.backend_context("flash"):  # flash needs equal qk / v head dims: SDPA raises, the matmul path runs
+            out = AF.reciprocal_attention(q, k, v, a, b)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_ra_same_flop_functional_matches_reference():
+    B, H, T, D, R = 2, 3, 77, 32, 8
+    q, k, v = (rand(B, H, T, D, seed=i).requires_grad_() for i in range(3))
+    W = (0.3 * rand(D, R, seed=5)).requires_grad_()
+    w_std = (torch.rand(H, dtype=torch.float64) + 0.2).requires_grad_()
+    w_rec = (torch.rand(H, dtype=torch.float64) + 0.2).requires_grad_()
+    inputs = (q, k, v, W, w_std, w_rec)
+    out = AF.ra_same_flop(*inputs)
+    ref = ref_same_flop(*inputs)
+    torch.testing.assert_close(out, ref, **TOL64)
+    for g, g_ref in zip(grads(out, inputs), grads(ref, inputs)):
+        torch.testing.assert_close(g, g_ref, **TOL64)
+
+
+def test_fold_equals_activation_formula():
+    """F.linear(x, folded weight) == same_flop_qk on the activations, bias and plain heads included."""
+    C, H = 96, 3
+    D, R = C // H, 8
+    weight, bias, x = rand(3 * C, C, seed=1), rand(3 * C, seed=2), rand(2, 5, C, seed=3)
+    W, s_std, s_rec = rand(D, R, seed=4), rand(H, seed=5), rand(H, seed=6)
+    rec_on = torch.tensor([True, False, True])
+    w, b = AF.fold_same_flop_qkv(weight, bias, W, s_std, s_rec, rec_on)
+    q, k, v = (t.view(2, 5, H, D).transpose(1, 2) for t in F.linear(x, w, b).split(C, -1))
+    q0, k0, v0 = (t.view(2, 5, H, D).transpose(1, 2) for t in F.linear(x, weight, bias).split(C, -1))
+    qf, kf = AF.same_flop_qk(q0, k0, W, s_std, s_rec, rec_on)
+    for got, want in ((q, qf), (k, kf), (v, v0)):
+        torch.testing.assert_close(got, want, **TOL64)
+
+
+def test_quantize_rec_int8():
+    x = rand(2, 3, 7, 32, seed=0).requires_grad_()
+    y = AF.quantize_rec(x, 8, "int8")
+    torch.testing.assert_close(y[..., :24], x[..., :24], rtol=0, atol=0)  # standard dims untouched
+    rec = x[..., 24:].detach()
+    scale = rec.abs().amax(-1, keepdim=True) / 127
+    steps = y[..., 24:].detach() / scale
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-9)  # on the int8 grid
+    assert (y[..., 24:] - rec).abs().le(scale / 2 + 1e-12).all()
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.ones_like(g))  # straight-through
+    # plain heads are untouched
+    y = AF.quantize_rec(x, 8, "int8", rec_on=torch.tensor([True, False, True]))
+    torch.testing.assert_close(y[:, 1], x[:, 1], rtol=0, atol=0)
+    assert AF.quantize_rec(x, 8, "none") is x
+
+
+# ---------------------------------------------------------------------------
+# modules against the references
+# ---------------------------------------------------------------------------
+
+def test_same_flop_module_matches_reference_and_fused_equals_unfused():
+    x = rand(2, 77, 96, seed=3).requires_grad_()
+    outs = {}
+    for fused in (True, False):
+        mod = build64("ra_same_flop", ra_fused=fused)
+        params = [x, mod.c_attn.weight, mod.c_attn.bias, mod.W, mod.s_std, mod.s_rec]
+        y = mod.heads(x)
+        q, k, v = qkv_heads(mod, x)
+        ref = ref_same_flop(q, k, v, mod.W, mod.w_std, mod.w_rec)
+        torch.testing.assert_close(y, ref, **TOL64)
+        g = grads(y, params)
+        for a, b in zip(g, grads(ref, params)):
+            torch.testing.assert_close(a, b, **TOL64)
+        outs[fused] = (mod(x), g)
+    torch.testing.assert_close(outs[True][0], outs[False][0], **TOL64)
+    for a, b in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(a, b, **TOL64)
+
+
+@pytest.mark.parametrize("R", [4, 8, 12, 16])
+def test_same_flop_ranks(R):
+    x = rand(1, 19, 96, seed=0)  # head dim 32
+    mod = build64("ra_same_flop", ra_R=R)
+    q, k, v = qkv_heads(mod, x)
+    torch.testing.assert_close(mod.heads(x), ref_same_flop(q, k, v, mod.W, mod.w_std, mod.w_rec), **TOL64)
+
+
+def test_config_errors():
+    for R in (0, 32, 40):
+        with pytest.raises(ValueError, match="ra_R"):
+            attention.build("ra_same_flop", cfg_for(ra_R=R))
+    with pytest.raises(ValueError, match="ra_ctr"):
+        attention.build("ra_headsel", cfg_for("ra_headsel", ra_quant="fp8"))
+    with pytest.raises(ValueError, match="ra_quant"):
+        attention.build("ra_same_flop", cfg_for(ra_quant="int4"))
+    with pytest.raises(ValueError, match="ra_w_rec_init"):
+        attention.build("ra_same_flop", cfg_for(ra_w_rec_init=-0.1))
+    with pytest.raises(ValueError, match="ra_route_every"):
+        attention.build("ra_headsel", cfg_for("ra_headsel", ra_route_every=-1))
+    with pytest.raises(ValueError, match="ra_token_frac"):
+        attention.build("ra_tokensel", cfg_for("ra_tokensel", ra_token_frac=1.5))
+
+
+@pytest.mark.parametrize("name", ["ra_same_flop", "ra_headsel", "ra_tokensel"])
+def test_int8_quant_fused_equals_unfused_and_stays_close(name):
+    x = rand(2, 33, 96, seed=3).requires_grad_()
+    ys = []
+    for fused in (True, False):
+        mod = build64(name, ra_fused=fused, ra_quant="int8")
+        if name == "ra_headsel":
+            with torch.no_grad():
+                mod.s_rec[1] = 0.1  # one plain head, which must not be quantized
+        ys.append(mod(x))
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-7, atol=1e-9)
+    mod.quant = "none"
+    y = mod(x)
+    assert 0 < (y - ys[1]).abs().max() < 0.05 * y.abs().max()
+
+
+def test_exact_module_matches_reference():
+    x = rand(2, 77, 96, seed=3).requires_grad_()
+    mod = build64("ra_exact")
+    assert mod.a.tolist() == pytest.approx([0.5] * 3) and mod.b.tolist() == pytest.approx([0.3] * 3)  # the ra_w_*_init flags
+    with torch.no_grad():
+        mod.a.copy_(torch.tensor([1.0, 0.5, -0.2]))
+        mod.b.copy_(torch.tensor([0.3, -0.7, 1.1]))
+    params = [x, mod.c_attn.weight, mod.a, mod.b]
+    y = mod.heads(x)
+    q, k, v = qkv_heads(mod, x)
+    ref = ref_exact(q, k, v, mod.a, mod.b)
+    torch.testing.assert_close(y, ref, **TOL64)
+    for a, b in zip(grads(y, params), grads(ref, params)):
+        torch.testing.assert_close(a, b, **TOL64)
+    assert mod.attn_flop_mult == 1.5
+
+
+def test_swap_module_matches_reference():
+    x = rand(2, 77, 96, seed=3).requires_grad_()
+    mod = build64("ra_swap")
+    assert mod.beta.item() == 0.0
+    q, k, v = qkv_heads(mod, x)
+    torch.testing.assert_close(mod.heads(x), ref_softmax_attend(q @ k.transpose(-1, -2) / math.sqrt(32), v), **TOL64)
+    with torch.no_grad():
+        mod.beta.fill_(0.7)
+    params = [x, mod.c_attn.weight, mod.beta]
+    y = mod.heads(x)
+    std = ref_softmax_attend(q @ k.transpose(-1, -2) / math.sqrt(32), v)
+    swp = ref_softmax_attend(k @ q.transpose(-1, -2) / math.sqrt(32), v)  # query k_i, key q_j, j <= i
+    mu, var = swp.mean(-1, keepdim=True), swp.var(-1, unbiased=False, keepdim=True)
+    ref = std + math.tanh(0.7) * (swp - mu) / torch.sqrt(var + 1e-5)
+    ref = std + torch.tanh(mod.beta) * (ref - std) / math.tanh(0.7)  # same value, with beta in the graph
+    torch.testing.assert_close(y, ref, **TOL64)
+    for a, b in zip(grads(y, params), grads(ref, params)):
+        torch.testing.assert_close(a, b, **TOL64)
+    assert mod.attn_flop_mult == 2.0
+
+
+# ---------------------------------------------------------------------------
+# ra_headsel: routing
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_headsel_plain_head_is_plain_attention(fused):
+    x = rand(2, 77, 96, seed=3).requires_grad_()
+    mod = build64("ra_headsel", ra_fused=fused, ra_threshold=0.1)
+    with torch.no_grad():
+        mod.s_rec[1] = math.sqrt(0.05)  # w_rec = 0.05 < threshold
+    assert mod.rec_on().tolist() == [True, False, True]
+    y = mod.heads(x)
+    q, k, v = qkv_heads(mod, x)
+    # head 1 is plain attention scaled by w_std, over all D dims
+    plain = ref_softmax_attend(mod.w_std[1] * q[:, 1] @ k[:, 1].transpose(-1, -2) / math.sqrt(32), v[:, 1])
+    torch.testing.assert_close(y[:, 1], plain, **TOL64)
+    ref = ref_same_flop(q, k, v, mod.W, mod.w_std, mod.w_rec, rec_on=mod.rec_on())
+    torch.testing.assert_close(y, ref, **TOL64)
+    params = [x, mod.c_attn.weight, mod.c_attn.bias, mod.W, mod.s_std, mod.s_rec]
+    g = grads(y, params)
+    for a, b in zip(g, grads(ref, params)):
+        torch.testing.assert_close(a, b, **TOL64)
+    # the plain head's w_rec gets no task gradient; the L1 alone pushes it further down
+    assert g[5][1] == 0 and (g[5][[0, 2]] != 0).all()
+    (g_l1,) = torch.autograd.grad(mod.aux_loss(), mod.s_rec)
+    assert (g_l1 > 0).all()  # descent lowers every s_rec >= 0, so every w_rec
+
+
+def test_headsel_once_off_stays_off():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=32, vocab_size=64,
+                          attn="ra_headsel", ra_l1=1.0, ra_threshold=0.1))
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        attn.s_rec[2] = math.sqrt(0.09)  # just under the threshold
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    w_prev = attn.w_rec[2].item()
+    for step in range(10):
+        idx = torch.randint(0, 64, (4, 32))
+        _, loss = model(idx, idx)
+        (loss + model.aux_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        assert attn.w_rec[2].item() < w_prev  # only the L1 acts on it: strictly down
+        w_prev = attn.w_rec[2].item()
+        assert not attn.rec_on()[2]
+    assert model.metrics()["attn/l0/ra_frac"] == 0.75
+
+
+def test_headsel_route_every_refreshes_on_set_step_and_at_eval():
+    mod = build64("ra_headsel", ra_route_every=5)
+    mod.train()
+    with torch.no_grad():
+        mod.s_rec[0] = 0.0
+    assert mod.rec_on().tolist() == [True, True, True]  # the stored routing until a refresh
+    mod.set_step(3)
+    assert mod.rec_on().tolist() == [True, True, True]
+    mod.eval()
+    assert mod.rec_on().tolist() == [False, True, True]  # eval routes by the live gates
+    mod.train()
+    mod.set_step(5)
+    assert mod.rec_on().tolist() == [False, True, True]
+    assert "route" in mod.state_dict()  # a resumed run keeps its routing
+
+
+# ---------------------------------------------------------------------------
+# ra_tokensel: per-token gate
+# ---------------------------------------------------------------------------
+
+def test_tokensel_matches_reference_and_fused_equals_unfused():
+    x = rand(2, 77, 96, seed=3).requires_grad_()
+    outs = []
+    for fused in (True, False):
+        mod = build64("ra_tokensel", ra_fused=fused)
+        with torch.no_grad():
+            mod.scorer.weight.normal_(0, 0.3)
+        params = [x, mod.c_attn.weight, mod.W, mod.s_std, mod.s_rec, mod.scorer.weight, mod.scorer.bias]
+        y = mod.heads(x)
+        g = torch.sigmoid(mod.scorer(x))[..., 0]  # (B, T)
+        sel = (g > 0.5).double()
+        assert 0 < sel.mean() < 1
+        torch.testing.assert_close(mod._sel.detach(), sel.mean())
+        q, k, v = qkv_heads(mod, x)
+        # forward: the hard selection; backward: straight-through (d m / d g = 1)
+        ref = ref_same_flop(q, k, v, mod.W, mod.w_std, mod.w_rec, q_gate=sel + g - g.detach())
+        torch.testing.assert_close(y, ref, **TOL64)
+        gy = grads(y, params)
+        for a, b in zip(gy, grads(ref, params)):
+            torch.testing.assert_close(a, b, **TOL64)
+        assert gy[5].abs().sum() > 0  # the task trains the scorer
+        outs.append((mod(x), gy))
+        aux = mod.aux_loss()
+        torch.testing.assert_close(aux, mod.token_penalty * (sel.mean() - mod.token_frac) ** 2)
+        (gb,) = torch.autograd.grad(aux, mod.scorer.bias)
+        assert gb.item() * (sel.mean() - mod.token_frac).item() > 0  # descent moves the fraction to the target
+        assert set(mod.metrics()) >= {"tok_frac", "w_rec"}
+    torch.testing.assert_close(outs[0][0], outs[1][0], **TOL64)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, **TOL64)
+
+
+# ---------------------------------------------------------------------------
+# every registered variant
+# ---------------------------------------------------------------------------
+
+def tiny_gpt(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=64, attn=name)
+    base.update(kw)
+    return GPT(GPTConfig(**base))
+
+
+def cpu_unavailable(name, err):
+    msg = str(err).lower()
+    return isinstance(err, ImportError) or any(s in msg for s in ("cuda", "triton", "gpu"))
+
+
+@pytest.mark.parametrize("name", attention.names())
+def test_causal_every_registered_variant(name):
+    try:
+        model = tiny_gpt(name).eval()
+        # gates away from their init, so every path (reciprocal channel, swap branch) is live
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("beta", ".b", "s_rec", "W")):
+                    p.add_(0.5)
+        idx = torch.randint(0, 64, (2, 40))
+        logits, _ = model(idx)
+    except (ImportError, RuntimeError, NotImplementedError) as e:
+        if cpu_unavailable(name, e):
+            pytest.skip(f"{name} does not run on this CPU machine: {e}")
+        raise
+    for t in (0, 17, 38):
+        idx2 = idx.clone()
+        idx2[:, t + 1:] = torch.randint(0, 64, (2, 39 - t))
+        logits2, _ = model(idx2)
+        torch.testing.assert_close(logits2[:, : t + 1], logits[:, : t + 1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits2[:, t + 1:], logits[:, t + 1:])
+
+
+@pytest.mark.parametrize("name", RA_NAMES)
+def test_variant_trains(name):
+    kw = dict(ra_l1=0.5) if name == "ra_headsel" else {}
+    model = tiny_gpt(name, **kw)
+    attn = model.transformer.h[0].attn
+    gates = {n: p for n, p in attn.named_parameters() if not n.startswith(("c_attn", "c_proj"))}
+    assert gates
+    w_rec0 = attn.w_rec.mean().item() if name == "ra_headsel" else None
+    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(64, generator=gen)  # synthetic task: walk a fixed random permutation
+    losses = []
+    for step in range(30):
+        model.set_step(step)
+        seq = [torch.randint(0, 64, (8,), generator=gen)]
+        for _ in range(64):
+            seq.append(perm[seq[-1]])
+        seq = torch.stack(seq, 1)  # (8, 65)
+        _, loss = model(seq[:, :-1], seq[:, 1:].contiguous())
+        (loss + model.aux_loss()).backward()
+        if step == 0:
+            for n, p in gates.items():
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: {n} gets no gradient"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.25 * losses[0], losses
+    assert all(math.isfinite(v) for v in model.metrics().values())
+    if name == "ra_headsel":
+        assert attn.w_rec.mean().item() < w_rec0  # the L1 lowers w_rec
+
+
+@pytest.mark.parametrize("name,fused", [(n, True) for n in RA_NAMES] + [
+    ("ra_same_flop", False), ("ra_headsel", False), ("ra_tokensel", False)])
+def test_compiles_fullgraph_without_host_sync(name, fused):
+    """fullgraph=True fails on any graph break, e.g. .item(), bool(tensor), .cpu() in forward."""
+    torch._dynamo.reset()
+    kw = dict(ra_route_every=4) if name == "ra_headsel" and not fused else {}
+    torch.manual_seed(0)
+    mod = attention.build(name, cfg_for(name, ra_fused=fused, **kw))
+    x = torch.randn(2, 21, 96, requires_grad=True)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, mod(x))
+    if hasattr(mod, "aux_loss"):
+        mod.aux_loss()  # state stored by the compiled forward is usable
+
+
+def test_same_flop_inductor_compile():
+    """One real inductor compile of the fused module (the GPU benchmark's path)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mod = attention.build("ra_same_flop", cfg_for(n_embd=64, n_head=2))
+    x = torch.randn(1, 9, 64)
+    compiled = torch.compile(mod, fullgraph=True)
+    torch.testing.assert_close(compiled(x), mod(x), rtol=1e-5, atol=1e-6)
+
+
+def test_flop_mult_and_reset_parameters():
+    for name, mult in (("ra_same_flop", 1.0), ("ra_headsel", 1.0), ("ra_tokensel", 1.0),
+                       ("ra_exact", 1.5), ("ra_swap", 2.0)):
+        model = tiny_gpt(name)
+        attn = model.transformer.h[0].attn
+        assert attn.attn_flop_mult == mult
+        if hasattr(attn, "W"):  # GPT's generic init does not touch the module's own parameters
+            assert attn.W.shape == (16, 8) and abs(attn.W.std().item() - 0.02) < 0.01
+            torch.testing.assert_close(attn.w_std, torch.full((4,), 0.5))
+            torch.testing.assert_close(attn.w_rec, torch.full((4,), 0.3))
+        if name == "ra_tokensel":
+            assert attn.scorer.bias.item() == 0.0
