@@ -25,6 +25,8 @@ REGISTRY = {
     "ra_tokensel": "ra_tokensel:TokenSelRA",
     "ra_exact": "ra_exact:ExactRA",
     "ra_swap": "ra_swap:SwapRA",
+    "ra_ctr": "ra_ctr:CTRReciprocalAttention",
+    "ra_ctr_headsel": "ra_ctr_headsel:CTRHeadSelRA",
 }
 
 

@@ -1,0 +1,617 @@
+"""
+CTR ("causal-transpose-reuse"): exact reciprocal attention (RA) as fused Triton kernels.
+
+    s_ij = scale * (a_h q_i.k_j + b_h q_j.k_i)   for j <= i,   out_i = sum_j softmax_j(s_i.) v_j
+
+which is exactly `functional.reciprocal_attention`. The reciprocal term q_j.k_i of query block I
+and key block J is the transpose of the standard term of the mirrored (upper-triangle) block pair,
+so a program that keeps Q_I and K_I resident and streams Q_J, K_J, V_J computes both with two
+tile products of the causal (lower) half: 1.5x the matmul work of plain causal attention, one
+softmax, no T x T matrix.
+
+Forward (`_ctr_fwd_kernel`): grid (T / BLOCK_M, B*H), heaviest query blocks first. Q_I, K_I stay
+in registers/shared memory; for each key block J <= I: S = ca Q_I K_J^T + cb K_I Q_J^T (ca, cb =
+a, b times scale*log2(e)), causal mask on the diagonal block(s) only, one online softmax with
+exp2, O += P V_J. Stores O and the row log-sum-exp (base 2) for the backward.
+
+Backward, FlashAttention-2 style (P recomputed from the LSE; Delta_i = dO_i.O_i from a small
+preprocessing kernel). With dS = P * (dP - Delta), dP = dO V^T:
+
+    dq_m = scale * (a sum_j dS_mj k_j   +  b sum_i dS_im k_i)     (row form + column form)
+    dk_m = scale * (a sum_i dS_im q_i   +  b sum_j dS_mj q_j)     (column form + row form)
+    dv_m = sum_i P_im dO_i
+    da_h = scale * sum dS_ij q_i.k_j,    db_h = scale * sum dS_ij q_j.k_i
+
+A program owning key block J and sweeping the query blocks I >= J (the KV-major FA2 order) gets the
+column forms of dq_J AND dk_J (and dv_J) in registers; the row forms of dq_I, dk_I belong to other
+programs. Two schemes, chosen by `bwd=`:
+
+  "fused" (default, deterministic, no atomics): each program X first does a row sweep over key
+      blocks J <= X (X as the query block: row parts of dq_X, dk_X, and da/db from them as
+      scale q_x.(dS K)_x and scale k_x.(dS Q)_x), then the column sweep over query blocks I >= X
+      (dv, column parts of dk_X, dq_X), recomputing P in both. Work per program is constant
+      (T / BLOCK_M steps for every X). 11 tile products per RA block pair (plain heads: 7, like
+      the Triton tutorial) instead of 8, but dq/dk are stored once, in the input dtype.
+  "atomic": one column sweep per program; the row parts of dq_I and dk_I go to fp32 buffers by
+      tl.atomic_add (8 tile products per RA pair, 5 for plain heads, like FA2), then a cast.
+      Not bitwise deterministic.
+
+da, db: per-program partial sums into a buffer, reduced in torch (deterministic).
+
+Measured (H100, torch 2.11, Triton 3.6, bf16, B=8 H=12, fwd+bwd, CUDA-graph replays so the host
+overhead is out; tests/gpu_check_ctr.py): vs cuDNN SDPA (is_causal) 1.75x at T=1024 D=64, 2.00x at
+T=2048, 2.09x at T=4096, 3.3x at D=128 (the backward spills registers there); 25% RA heads 1.49x.
+"atomic" was slower than "fused" everywhere (scalar fp32 red.global per element, register spills).
+Eager (do_bench, host included) the host side of one call costs ~0.65 ms on that VM vs ~0.22 ms for
+SDPA, so small shapes are host-bound unless captured in a CUDA graph.
+
+Head selection: b_h is read in the kernel; a head with b_h == 0 runs the plain-attention loops
+(no Q_J / K_I tiles, no second product), so it costs plain causal attention forward. Its db_h
+(the gradient at b = 0 is in general not 0) still needs sum dS_ij q_j.k_i, which costs one extra
+product per backward block pair; pass db_at_zero=False to skip it (db_h = 0 for those heads,
+i.e. a stop-gradient), which the head-selective variant may want.
+
+Config: triton.autotune over 3-4 block shapes per head dim on the first call for a (T, D, B*H,
+dtype); the choice is remembered and later calls launch the kernel directly (less host overhead).
+Under TRITON_INTERPRET=1 (the CPU tests) one fixed small config (INTERPRET_CONFIG), since the
+interpreter fails with several configs. First use compiles ~7 kernels (about a minute).
+"""
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - no triton installed
+    triton, tl = None, None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+# block shapes used under the interpreter (and by explicit `config=` calls):
+# fwd: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0)
+# bwd: BLOCK_N key rows per program, BLOCK_M rows per step (BLOCK_N % BLOCK_M == 0)
+INTERPRET_CONFIG = {
+    "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+    "bwd": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+}
+BWD_SCHEMES = ("fused", "atomic")
+LAST_KERNELS = {}  # the compiled kernels of the last launches (register / spill reports)
+DEFAULT_BWD = os.environ.get("CTR_BWD", "fused")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_rows(base, offs_r, stride_r, offs_d, T, MASKED: tl.constexpr):
+        """Load a [len(offs_r), D] tile of rows offs_r (rows >= T read as 0 when MASKED)."""
+        ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
+        if MASKED:
+            x = tl.load(ptrs, mask=offs_r[:, None] < T, other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    # ------------------------------------------------------------------ forward
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q_i, k_i, Qb, Kb, Vb, sqt, skt, svt, outer, r, lo, hi, offs_m, offs_d, T,
+                   BLOCK_N: tl.constexpr, RA: tl.constexpr, SWAP: tl.constexpr, DIAG: tl.constexpr):
+        """Online softmax over key blocks [lo, hi). Scores (log2 units), one accumulator chain:
+        plain: outer * Q_I K_J^T;  RA: outer * (Q_I K_J^T + r K_I Q_J^T)  (SWAP: the two terms swapped),
+        with |r| <= 1 chosen by the caller, so s = ca q_i.k_j + cb k_i.q_j in fp32."""
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + offs_n0
+            k_j = _load_rows(Kb, offs_n, skt, offs_d, T, DIAG)
+            if RA:
+                q_j = _load_rows(Qb, offs_n, sqt, offs_d, T, DIAG)
+                if SWAP:
+                    s = tl.dot(k_i, tl.trans(q_j), tl.dot(q_i, tl.trans(k_j)) * r) * outer
+                else:
+                    s = tl.dot(q_i, tl.trans(k_j), tl.dot(k_i, tl.trans(q_j)) * r) * outer
+            else:
+                s = tl.dot(q_i, tl.trans(k_j)) * outer
+            if DIAG:
+                s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_j = _load_rows(Vb, offs_n, svt, offs_d, T, DIAG)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v_j.dtype), v_j, acc)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit(do_not_specialize=["BH"])
+    def _ctr_fwd_kernel(Q, K, V, A, Bw, O, LSE, sm_scale, T, H, BH,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        tl.static_assert(BLOCK_M % BLOCK_N == 0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+        bh = tl.program_id(1)
+        off_b = (bh // H).to(tl.int64)
+        off_h = bh % H
+        Qb = Q + off_b * sqb + off_h.to(tl.int64) * sqh
+        Kb = K + off_b * skb + off_h.to(tl.int64) * skh
+        Vb = V + off_b * svb + off_h.to(tl.int64) * svh
+        a = tl.load(A + off_h)
+        bw = tl.load(Bw + off_h)
+        ca = a * sm_scale * 1.4426950408889634
+        cb = bw * sm_scale * 1.4426950408889634
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q_i = _load_rows(Qb, offs_m, sqt, offs_d, T, True)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        lo = pid_m * BLOCK_M
+        hi = tl.minimum(lo + BLOCK_M, T)
+        if bw != 0.0:
+            k_i = _load_rows(Kb, offs_m, skt, offs_d, T, True)
+            if tl.abs(ca) >= tl.abs(cb):
+                r = cb / ca
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_i, k_i, Qb, Kb, Vb, sqt, skt, svt, ca, r, 0, lo,
+                                           offs_m, offs_d, T, BLOCK_N, True, False, False)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_i, k_i, Qb, Kb, Vb, sqt, skt, svt, ca, r, lo, hi,
+                                           offs_m, offs_d, T, BLOCK_N, True, False, True)
+            else:
+                r = ca / cb
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_i, k_i, Qb, Kb, Vb, sqt, skt, svt, cb, r, 0, lo,
+                                           offs_m, offs_d, T, BLOCK_N, True, True, False)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_i, k_i, Qb, Kb, Vb, sqt, skt, svt, cb, r, lo, hi,
+                                           offs_m, offs_d, T, BLOCK_N, True, True, True)
+        else:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_i, q_i, Qb, Kb, Vb, sqt, skt, svt, ca, cb, 0, lo,
+                                       offs_m, offs_d, T, BLOCK_N, False, False, False)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_i, q_i, Qb, Kb, Vb, sqt, skt, svt, ca, cb, lo, hi,
+                                       offs_m, offs_d, T, BLOCK_N, False, False, True)
+        lse = m_i + tl.math.log2(l_i)
+        o = acc / l_i[:, None]
+        row_ok = offs_m < T
+        tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+        Ob = O + bh.to(tl.int64) * T * D
+        tl.store(Ob + offs_m[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+    # ------------------------------------------------------------------ backward
+    @triton.jit
+    def _ctr_bwd_pre_kernel(O, DO, DELTA, T, H, sdob, sdoh, sdot, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        DOb = DO + (bh // H).to(tl.int64) * sdob + (bh % H).to(tl.int64) * sdoh
+        Ob = O + bh.to(tl.int64) * T * D
+        o = _load_rows(Ob, offs_m, D, offs_d, T, True).to(tl.float32)
+        do = _load_rows(DOb, offs_m, sdot, offs_d, T, True).to(tl.float32)
+        tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+    @triton.jit
+    def _bwd_col_inner(dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n,
+                       Qb, Kb, DOb, LSEb, DELb, DQAb, DKAb, sqt, skt, sdot,
+                       lo, hi, T, ca, cb, cqa, ckb, offs_d,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, RA: tl.constexpr, DB: tl.constexpr,
+                       ATOMIC: tl.constexpr, DIAG: tl.constexpr, MASKED: tl.constexpr):
+        """Key block X (rows offs_n) against query blocks [lo, hi), tiles [BLOCK_N, BLOCK_M]:
+        dv and the column forms of dk (factor a), dq (factor b); unscaled when ATOMIC (scaled by
+        the caller), else scaled here. ATOMIC: also the row forms of dq_i, dk_i (atomic adds) and
+        da/db partial sums q_i.(dS K_X)_i, k_i.(dS Q_X)_i into [BLOCK_M] vectors."""
+        offs_m0 = tl.arange(0, BLOCK_M)
+        for start_m in range(lo, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + offs_m0
+            q_i = _load_rows(Qb, offs_m, sqt, offs_d, T, MASKED)
+            if MASKED:
+                lse_i = tl.load(LSEb + offs_m, mask=offs_m < T, other=float("inf"))
+                del_i = tl.load(DELb + offs_m, mask=offs_m < T, other=0.0)
+            else:
+                lse_i = tl.load(LSEb + offs_m)
+                del_i = tl.load(DELb + offs_m)
+            sT = tl.dot(k_x, tl.trans(q_i)) * ca  # [j, i]: ca k_j.q_i
+            if RA or (ATOMIC and DB):
+                k_i = _load_rows(Kb, offs_m, skt, offs_d, T, MASKED)
+            if RA:
+                sT += tl.dot(q_x, tl.trans(k_i)) * cb  # + cb q_j.k_i
+            pT = tl.math.exp2(sT - lse_i[None, :])
+            if DIAG:
+                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            do_i = _load_rows(DOb, offs_m, sdot, offs_d, T, MASKED)
+            dv += tl.dot(pT.to(do_i.dtype), do_i)
+            dpT = tl.dot(v_x, tl.trans(do_i))
+            dsT = pT * (dpT - del_i[None, :])
+            if ATOMIC:
+                ds_c = dsT.to(q_i.dtype)
+                dk += tl.dot(ds_c, q_i)
+                if RA:
+                    dq += tl.dot(ds_c, k_i)
+                row_ok = offs_m[:, None] < T
+                ptr_off = offs_m[:, None] * D + offs_d[None, :]
+                rq = tl.dot(tl.trans(ds_c), k_x)  # [i, :] = sum_j dS_ij k_j
+                da_v += tl.sum(q_i.to(tl.float32) * rq, 1)
+                tl.atomic_add(DQAb + ptr_off, rq * cqa, mask=row_ok, sem="relaxed")
+                if RA or DB:
+                    rk = tl.dot(tl.trans(ds_c), q_x)  # [i, :] = sum_j dS_ij q_j
+                    db_v += tl.sum(k_i.to(tl.float32) * rk, 1)
+                    if RA:
+                        tl.atomic_add(DKAb + ptr_off, rk * ckb, mask=row_ok, sem="relaxed")
+            else:
+                dk += tl.dot((dsT * cqa).to(q_i.dtype), q_i)
+                if RA:
+                    dq += tl.dot((dsT * ckb).to(k_i.dtype), k_i)
+        return dk, dq, dv, da_v, db_v
+
+    @triton.jit
+    def _bwd_row_inner(rq, rk, q_x, k_x, do_x, lse_x, del_x, offs_x, Qb, Kb, Vb, sqt, skt, svt,
+                       lo, hi, T, ca, cb, offs_d,
+                       BLOCK_M: tl.constexpr, RA: tl.constexpr, DB: tl.constexpr, DIAG: tl.constexpr):
+        """Query block X (rows offs_x) against key blocks [lo, hi), tiles [BLOCK_N, BLOCK_M]:
+        unscaled row forms rq = sum_j dS_xj k_j and (RA or DB) rk = sum_j dS_xj q_j."""
+        offs_n0 = tl.arange(0, BLOCK_M)
+        for start_n in range(lo, hi, BLOCK_M):
+            start_n = tl.multiple_of(start_n, BLOCK_M)
+            offs_n = start_n + offs_n0
+            k_j = _load_rows(Kb, offs_n, skt, offs_d, T, DIAG)
+            s = tl.dot(q_x, tl.trans(k_j)) * ca
+            if RA or DB:
+                q_j = _load_rows(Qb, offs_n, sqt, offs_d, T, DIAG)
+            if RA:
+                s += tl.dot(k_x, tl.trans(q_j)) * cb
+            p = tl.math.exp2(s - lse_x[:, None])
+            if DIAG:
+                p = tl.where(offs_x[:, None] >= offs_n[None, :], p, 0.0)
+            v_j = _load_rows(Vb, offs_n, svt, offs_d, T, DIAG)
+            dp = tl.dot(do_x, tl.trans(v_j))
+            ds = (p * (dp - del_x[:, None])).to(k_j.dtype)
+            rq += tl.dot(ds, k_j)
+            if RA or DB:
+                rk += tl.dot(ds, q_j)
+        return rq, rk
+
+    @triton.jit(do_not_specialize=["BH"])
+    def _ctr_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DAB, A, Bw, sm_scale, T, H, BH, NJ,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ATOMIC: tl.constexpr, NEED_DB: tl.constexpr, EVEN: tl.constexpr):
+        """One program per (block X of BLOCK_N rows, batch*head).
+        ATOMIC: DQ/DK are zeroed fp32 buffers; the column sweep over query blocks I >= X sends the
+            row forms of dq_I, dk_I by atomic adds and the column forms of dq_X, dk_X at the end.
+        else: a row sweep (X as queries, key blocks J <= X) gives the row forms of dq_X, dk_X and
+            da/db, then the column sweep adds the column forms; DQ/DK are written once."""
+        tl.static_assert(BLOCK_N % BLOCK_M == 0)
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        off_b = (bh // H).to(tl.int64)
+        off_h = bh % H
+        Qb = Q + off_b * sqb + off_h.to(tl.int64) * sqh
+        Kb = K + off_b * skb + off_h.to(tl.int64) * skh
+        Vb = V + off_b * svb + off_h.to(tl.int64) * svh
+        DOb = DO + off_b * sdob + off_h.to(tl.int64) * sdoh
+        LSEb = LSE + bh.to(tl.int64) * T
+        DELb = DELTA + bh.to(tl.int64) * T
+        DQb = DQ + bh.to(tl.int64) * T * D
+        DKb = DK + bh.to(tl.int64) * T * D
+        DVb = DV + bh.to(tl.int64) * T * D
+        a = tl.load(A + off_h)
+        bw = tl.load(Bw + off_h)
+        ca = a * sm_scale * 1.4426950408889634
+        cb = bw * sm_scale * 1.4426950408889634
+        cqa = a * sm_scale
+        ckb = bw * sm_scale
+
+        start_n = pid * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_n < T
+        ptr_off = offs_n[:, None] * D + offs_d[None, :]
+        hi_d = tl.minimum(start_n + BLOCK_N, T)
+        k_x = _load_rows(Kb, offs_n, skt, offs_d, T, True)
+        q_x = _load_rows(Qb, offs_n, sqt, offs_d, T, True)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dq = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        da_v = tl.zeros([BLOCK_M], tl.float32)
+        db_v = tl.zeros([BLOCK_M], tl.float32)
+        da_sum = 0.0
+        db_sum = 0.0
+
+        if not ATOMIC:
+            # row sweep first: X as the query block against key blocks J <= X
+            do_x = _load_rows(DOb, offs_n, sdot, offs_d, T, True)
+            lse_x = tl.load(LSEb + offs_n, mask=row_ok, other=float("inf"))
+            del_x = tl.load(DELb + offs_n, mask=row_ok, other=0.0)
+            if bw != 0.0:
+                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                        0, start_n, T, ca, cb, offs_d, BLOCK_M, True, True, False)
+                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                        start_n, hi_d, T, ca, cb, offs_d, BLOCK_M, True, True, True)
+            else:
+                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                        0, start_n, T, ca, cb, offs_d, BLOCK_M, False, NEED_DB, False)
+                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                        start_n, hi_d, T, ca, cb, offs_d, BLOCK_M, False, NEED_DB, True)
+            # da = scale sum_i q_i.(dS K)_i,  db = scale sum_i k_i.(dS Q)_i. The tiles are loaded
+            # again: reusing the dot-operand copies gave wrong sums for some configs (Triton 3.6)
+            q_e = _load_rows(Qb, offs_n, sqt, offs_d, T, True).to(tl.float32)
+            k_e = _load_rows(Kb, offs_n, skt, offs_d, T, True).to(tl.float32)
+            da_sum = tl.sum(tl.sum(q_e * dq, 1), 0) * sm_scale
+            db_sum = tl.sum(tl.sum(k_e * dk, 1), 0) * sm_scale
+            dq = dq * cqa
+            dk = dk * ckb
+
+        # column sweep over query blocks I >= X: the diagonal blocks (masked), then the rest
+        v_x = _load_rows(Vb, offs_n, svt, offs_d, T, True)
+        if bw != 0.0:
+            dk, dq, dv, da_v, db_v = _bwd_col_inner(
+                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
+                sqt, skt, sdot, start_n, hi_d, T, ca, cb, cqa, ckb, offs_d,
+                D, BLOCK_M, True, True, ATOMIC, True, True)
+            dk, dq, dv, da_v, db_v = _bwd_col_inner(
+                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
+                sqt, skt, sdot, start_n + BLOCK_N, T, T, ca, cb, cqa, ckb, offs_d,
+                D, BLOCK_M, True, True, ATOMIC, False, not EVEN)
+        else:
+            dk, dq, dv, da_v, db_v = _bwd_col_inner(
+                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
+                sqt, skt, sdot, start_n, hi_d, T, ca, cb, cqa, ckb, offs_d,
+                D, BLOCK_M, False, NEED_DB, ATOMIC, True, True)
+            dk, dq, dv, da_v, db_v = _bwd_col_inner(
+                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
+                sqt, skt, sdot, start_n + BLOCK_N, T, T, ca, cb, cqa, ckb, offs_d,
+                D, BLOCK_M, False, NEED_DB, ATOMIC, False, not EVEN)
+
+        tl.store(DVb + ptr_off, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
+        if ATOMIC:
+            da_sum = tl.sum(da_v, 0) * sm_scale
+            db_sum = tl.sum(db_v, 0) * sm_scale
+            tl.atomic_add(DKb + ptr_off, dk * cqa, mask=row_ok[:, None], sem="relaxed")
+            tl.atomic_add(DQb + ptr_off, dq * ckb, mask=row_ok[:, None], sem="relaxed")
+        else:
+            tl.store(DKb + ptr_off, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(DQb + ptr_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DAB + (bh.to(tl.int64) * NJ + pid) * 2, da_sum)
+        tl.store(DAB + (bh.to(tl.int64) * NJ + pid) * 2 + 1, db_sum)
+
+    # ------------------------------------------------------------------ autotuned entry points
+    def _cfg(bm, bn, w, s):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+    # candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class, picked from sm_90 compiles
+    # without register spills where possible (the D=128 backward spills a little in all of them).
+    # H100 winners at B=8 H=12: fwd (128, 64, 8, 3) for D=64, (128, 32, 8, 3) for D=128;
+    # fused bwd (16, 64, 4, 3|4) for D=64, (32, 64, 8, 2) for D=128.
+    _FWD_BY_D = {
+        64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        128: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+    }
+    _BWD_BY_D = {  # bwd: BLOCK_M = query rows per step, BLOCK_N = key rows per program
+        64: [(16, 64, 4, 3), (16, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 4)],
+        128: [(16, 64, 8, 3), (32, 64, 8, 2), (16, 32, 4, 2), (16, 32, 4, 3)],
+    }
+
+    def _union(by_d):
+        seen = []
+        for lst in by_d.values():
+            seen += [t for t in lst if t not in seen]
+        return [_cfg(*t) for t in seen]
+
+    _FWD_CONFIGS = _union(_FWD_BY_D)
+    _BWD_CONFIGS = _union(_BWD_BY_D)
+
+    def _key(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+    def _pruner(by_d):
+        def prune(configs, named_args, **kwargs):
+            D = kwargs.get("D", named_args.get("D", 64))
+            want = by_d[128 if D >= 128 else 64]
+            keep = [c for c in configs if _key(c) in want]
+            return keep or configs[:1]
+        return prune
+
+    _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["T", "D", "BH"], prune_configs_by={"early_config_prune": _pruner(_FWD_BY_D)})(
+        _ctr_fwd_kernel)
+    _bwd_tuned = triton.autotune(
+        _BWD_CONFIGS, key=["T", "D", "BH", "ATOMIC", "NEED_DB"], prune_configs_by={"early_config_prune": _pruner(_BWD_BY_D)},
+        reset_to_zero=["DQ", "DK"])(
+        triton.heuristics({"EVEN": lambda args: args["T"] % args["BLOCK_N"] == 0})(_ctr_bwd_kernel))
+
+
+def _check_inputs(q, k, v, a, b):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim D={D} not supported by the CTR kernel (16, 32, 64 or 128)")
+    if a.numel() != H or b.numel() != H:
+        raise ValueError(f"a and b must have one value per head ({H}); got {a.numel()}, {b.numel()}")
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+_CHOSEN = {}  # (kernel, T, D, B*H, dtype, ...) -> config the autotuner picked; later calls skip its overhead
+
+
+def _as_config(c):
+    return dict(BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _launch_fwd(q, k, v, a32, b32, scale, config=None):
+    B, H, T, D = q.shape
+    o = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
+    args = (q, k, v, a32, b32, o, lse, scale, T, H, B * H,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+    key = ("fwd", T, D, B * H, q.dtype)
+    if config is None:
+        config = INTERPRET_CONFIG["fwd"] if INTERPRET else _CHOSEN.get(key)
+    if config is None:  # first call for this shape: autotune, then remember the choice
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        LAST_KERNELS["fwd"] = _fwd_tuned[grid](*args, D=D)
+        _CHOSEN[key] = _as_config(_fwd_tuned.best_config)
+    else:
+        c = config
+        grid = (triton.cdiv(T, c["BLOCK_M"]), B * H)
+        LAST_KERNELS["fwd"] = _ctr_fwd_kernel[grid](*args, D=D, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                                                    num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+    return o, lse
+
+
+def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, bwd="fused", need_db=True, config=None):
+    B, H, T, D = q.shape
+    dev = q.device
+    atomic = bwd == "atomic"
+    key = ("bwd", T, D, B * H, q.dtype, atomic, need_db)
+    if config is None:
+        config = INTERPRET_CONFIG["bwd"] if INTERPRET else _CHOSEN.get(key)
+    delta = torch.empty((B * H, T), device=dev, dtype=torch.float32)
+    pre_bm = 64
+    _ctr_bwd_pre_kernel[(triton.cdiv(T, pre_bm), B * H)](o, do, delta, T, H, do.stride(0), do.stride(1), do.stride(2),
+                                                         D=D, BLOCK_M=pre_bm)
+    if atomic:
+        dqk = torch.zeros((2, B, H, T, D), device=dev, dtype=torch.float32)
+        dq_buf, dk_buf = dqk[0], dqk[1]
+        dv = torch.empty((B, H, T, D), device=dev, dtype=q.dtype)
+    else:
+        g = torch.empty((3, B, H, T, D), device=dev, dtype=q.dtype)
+        dq_buf, dk_buf, dv = g[0], g[1], g[2]
+    # one (da, db) slot per program: every slot is written once the block size is known
+    nj = triton.cdiv(T, 16) if config is None else triton.cdiv(T, config["BLOCK_N"])
+    dab = (torch.zeros if config is None else torch.empty)((B * H, nj, 2), device=dev, dtype=torch.float32)
+    args = (q, k, v, do, lse, delta, dq_buf, dk_buf, dv, dab, a32, b32, scale, T, H, B * H, nj,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    if config is None:  # first call for this shape: autotune, then remember the choice
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
+        LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, ATOMIC=atomic, NEED_DB=need_db)
+        _CHOSEN[key] = _as_config(_bwd_tuned.best_config)
+        if atomic:  # the tuning runs added into the accumulators: redo on clean ones
+            dqk.zero_()
+            dab.zero_()
+            LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, ATOMIC=atomic, NEED_DB=need_db)
+    else:
+        c = config
+        grid = (triton.cdiv(T, c["BLOCK_N"]), B * H)
+        LAST_KERNELS["bwd"] = _ctr_bwd_kernel[grid](*args, D=D, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], ATOMIC=atomic,
+                                                    NEED_DB=need_db, EVEN=(T % c["BLOCK_N"] == 0),
+                                                    num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+    if atomic:
+        dqk = dqk.to(q.dtype)
+        dq, dk = dqk[0], dqk[1]
+    else:
+        dq, dk = dq_buf, dk_buf
+    dab = dab.view(B, H, nj, 2).sum(dim=(0, 2))  # (H, 2)
+    return dq, dk, dv, dab[:, 0], dab[:, 1]
+
+
+def _f32_vec(x):
+    x = x.detach()
+    if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous():
+        x = x.reshape(-1).to(torch.float32).contiguous()
+    return x
+
+
+class CTRAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, scale, bwd, db_at_zero, fwd_config, bwd_config):
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        a32, b32 = _f32_vec(a), _f32_vec(b)
+        o, lse = _launch_fwd(q, k, v, a32, b32, scale, fwd_config)
+        ctx.save_for_backward(q, k, v, o, lse, a32, b32)
+        ctx.scale, ctx.bwd, ctx.db_at_zero, ctx.bwd_config = scale, bwd, db_at_zero, bwd_config
+        ctx.ab_meta = (a.shape, a.dtype, b.shape, b.dtype)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, a32, b32 = ctx.saved_tensors
+        need_db = bool(ctx.needs_input_grad[4] and ctx.db_at_zero)
+        dq, dk, dv, da, db = _launch_bwd(_last_contig(do), q, k, v, o, lse, a32, b32, ctx.scale, ctx.bwd,
+                                         need_db, ctx.bwd_config)
+        a_shape, a_dtype, b_shape, b_dtype = ctx.ab_meta
+        da = da.reshape(a_shape).to(a_dtype) if ctx.needs_input_grad[3] else None
+        db = db.reshape(b_shape).to(b_dtype) if ctx.needs_input_grad[4] else None
+        return dq, dk, dv, da, db, None, None, None, None, None
+
+
+def _ctr_attention_impl(q, k, v, a, b, scale=None, bwd=None, db_at_zero=True, fwd_config=None, bwd_config=None):
+    if not HAS_TRITON:
+        raise RuntimeError("ctr_attention needs Triton; use reciprocal_attention_torch instead")
+    _check_inputs(q, k, v, a, b)
+    bwd = bwd or DEFAULT_BWD
+    if bwd not in BWD_SCHEMES:
+        raise ValueError(f"bwd={bwd!r}: use one of {BWD_SCHEMES}")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return CTRAttention.apply(q, k, v, a, b, scale, bwd, db_at_zero, fwd_config, bwd_config)
+
+
+try:  # keep torch.compile from tracing into the Triton launches (a graph break instead)
+    ctr_attention = torch.compiler.disable(_ctr_attention_impl)
+except AttributeError:  # pragma: no cover - old torch
+    ctr_attention = _ctr_attention_impl
+ctr_attention.__doc__ = """Exact reciprocal attention with the CTR Triton kernels.
+
+q, k, v: (B, H, T, D), fp16/bf16 (fp32 accepted); a, b: (H,) per-head weights (gradients flow to
+both). Returns (B, H, T, D) = softmax_j<=i(scale * (a q_i.k_j + b q_j.k_i)) v. scale defaults to
+1/sqrt(D). bwd: "fused" (default, no atomics) or "atomic". db_at_zero=False gives db_h = 0 on heads
+whose b_h == 0 (cheaper backward for head-selective gates). fwd_config / bwd_config: fixed block
+configs (dicts with BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.
+"""
+
+
+# ---------------------------------------------------------------------- pure-torch path
+def reciprocal_attention_torch(q, k, v, a, b, scale=None, dropout_p=0.0):
+    """Exact RA without Triton: functional.reciprocal_attention when it exists, else one SDPA over
+    the folded head dim 2D: [a q_i, b k_i] . [k_j, q_j] = a q_i.k_j + b q_j.k_i."""
+    try:
+        from attention.functional import reciprocal_attention
+    except ImportError:
+        reciprocal_attention = None
+    if reciprocal_attention is not None and dropout_p == 0.0:
+        return reciprocal_attention(q, k, v, a, b, scale=scale)
+    import torch.nn.functional as F
+
+    D = q.shape[-1]
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    H = q.shape[1]
+    a_ = a.reshape(1, H, 1, 1).to(q.dtype)
+    b_ = b.reshape(1, H, 1, 1).to(q.dtype)
+    qf = torch.cat([q * a_, k * b_], dim=-1)
+    kf = torch.cat([k, q], dim=-1)
+    vf = v
+    return F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, dropout_p=dropout_p, scale=scale)
+
+
+_NOTICE_SHOWN = False
+
+
+def _notice(msg):
+    global _NOTICE_SHOWN
+    if not _NOTICE_SHOWN:
+        print(f"[ra_ctr] {msg}")
+        _NOTICE_SHOWN = True
+
+
+def kernel_usable(x):
+    """True when ctr_attention can run on tensor x (Triton present and x on a GPU, or the interpreter)."""
+    return HAS_TRITON and (x.is_cuda or INTERPRET)
+
+
+def reciprocal_attention_any(q, k, v, a, b, scale=None, dropout_p=0.0, **kernel_kwargs):
+    """ctr_attention where it can run, else the pure-torch exact RA (with a one-time notice)."""
+    if dropout_p == 0.0 and kernel_usable(q) and q.shape[-1] in (16, 32, 64, 128):
+        return ctr_attention(q, k, v, a, b, scale, **kernel_kwargs)
+    if dropout_p == 0.0:
+        why = "Triton is not installed" if not HAS_TRITON else ("no GPU" if not q.is_cuda else f"head dim {q.shape[-1]}")
+        _notice(f"CTR kernel unavailable ({why}); using the pure-torch exact reciprocal attention")
+    return reciprocal_attention_torch(q, k, v, a, b, scale, dropout_p)

@@ -1,0 +1,69 @@
+"""
+ra_ctr: exact reciprocal attention (RA) through the CTR Triton kernel (attention/ctr_kernel.py).
+
+    y_i = sum_{j <= i} softmax_j(scale * (a_h q_i.k_j + b_h q_j.k_i)) v_j
+
+Same projections as sdpa (one fused QKV linear c_attn, c_proj with the scaled residual init), plus
+two learnable per-head weights: a (standard term) and b (reciprocal term). Init: a = 1 and
+b = cfg.ra_w_rec_init, so with b = 0 a head is exactly the sdpa baseline and the reciprocal term
+starts as a perturbation of it (ra_w_std_init is not used: scaling the standard term below 1 would
+only flatten the initial attention).
+
+On CUDA with Triton the fused CTR kernel runs (1.5x the attention matmuls of plain causal attention,
+hence attn_flop_mult = 1.5); elsewhere (CPU, no Triton, attention dropout in training) the exact
+pure-torch path runs, with a one-time notice.
+
+Extending: subclasses override `head_weights()` to return the effective per-head (a, b), e.g. a
+head-selective gate that zeroes b on some heads; the kernel runs heads whose b is exactly 0 at the
+cost of plain attention. `kernel_kwargs` is passed to ctr_attention (e.g. db_at_zero=False).
+"""
+
+import torch
+import torch.nn as nn
+
+from attention.ctr_kernel import reciprocal_attention_any
+
+
+class CTRReciprocalAttention(nn.Module):
+    attn_flop_mult = 1.5
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.ra_quant != "none":
+            raise ValueError(f"ra_ctr: ra_quant={cfg.ra_quant!r} is not implemented (use 'none')")
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.dropout = cfg.dropout
+        self.w_rec_init = cfg.ra_w_rec_init
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True  # GPT-2 scaled init
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.a = nn.Parameter(torch.ones(cfg.n_head))
+        self.b = nn.Parameter(torch.full((cfg.n_head,), float(cfg.ra_w_rec_init)))
+        self.kernel_kwargs = {}
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.a.fill_(1.0)
+            self.b.fill_(self.w_rec_init)
+
+    def head_weights(self):
+        """Per-head (a, b), each (H,): the weights of the standard and the reciprocal term."""
+        return self.a, self.b
+
+    def forward(self, x):
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        a, b = self.head_weights()
+        dropout_p = self.dropout if self.training else 0.0
+        y = reciprocal_attention_any(q, k, v, a, b, dropout_p=dropout_p, **self.kernel_kwargs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def metrics(self):
+        return {"b_abs": self.b.detach().abs().mean()}
