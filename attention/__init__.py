@@ -9,6 +9,7 @@ Optional hooks the model and train.py use when present:
   set_step(step)                the optimizer step, for routing refreshed every N steps
   reset_parameters()            re-applies the module's own init after GPT's generic init
   attn_flop_mult: float         attention FLOPs relative to plain causal attention (for MFU)
+  set_ra_heads(mask)            head-selective variants: make exactly these heads RA heads (bench.py)
 
 Adding a variant: one file in this folder plus one line in REGISTRY.
 Modules are imported on first use, so a variant that needs an optional

@@ -49,5 +49,11 @@ class CTRHeadSelRA(CTRReciprocalAttention):
     def head_weights(self):
         return self.a, torch.where(self.rec_on(), self.b, torch.zeros_like(self.b))
 
+    @torch.no_grad()
+    def set_ra_heads(self, mask):
+        """For benchmarks: make exactly the heads in mask ((nh,) bool) RA heads, the others plain."""
+        self.b.copy_(torch.where(mask, self.threshold + 0.2, 0.0))
+        self.route.copy_(self.live_route())
+
     def metrics(self):
         return {"ra_frac": self.rec_on().float().mean(), "w_rec": self.w_rec.detach().mean()}
