@@ -10,6 +10,7 @@ fields here so that every one of them is also a train.py flag.
 
 import inspect
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,9 @@ class GPT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        # one draw from the global RNG seeds every shared weight's init (see _init_weights), so
+        # variants with extra parameters start from the same weights as sdpa under the same seed
+        init_seed = int(torch.randint(0, 2**62, (1,)).item())
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -104,22 +108,27 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
-        self.apply(self._init_weights)
+        for name, module in self.named_modules():
+            self._init_weights(module, name, init_seed)
         # attention modules may own parameters with their own init (gates, W); let them re-apply it
         for block in self.transformer.h:
             if hasattr(block.attn, "reset_parameters"):
                 block.attn.reset_parameters()
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream
-            # does not grow with depth
-            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_proj", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def _init_weights(self, module, name, init_seed):
+        # each weight draws from a generator keyed by its name, not from the shared stream: an
+        # attention variant's extra parameters then cannot shift the init of the weights it
+        # shares with the baseline (same seed, same c_attn, MLP, embeddings in every variant)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return
+        gen = torch.Generator().manual_seed((init_seed + zlib.crc32(name.encode())) % 2**63)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream
+        # does not grow with depth
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_proj", False) else 0.02
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())

@@ -94,3 +94,19 @@ def test_sdpa_backend_matches_reference(backend):
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     ref = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
     torch.testing.assert_close(attn(x), attn.c_proj(ref))
+
+
+def test_same_seed_same_shared_init_across_variants():
+    """Paired comparisons need it: a variant's extra parameters must not shift the shared init."""
+    states = {}
+    for name in attention.names():
+        torch.manual_seed(7)
+        states[name] = GPT(tiny(attn=name)).state_dict()
+    base = states["sdpa"]
+    for name, sd in states.items():
+        shared = [k for k in base if k in sd]
+        assert len(shared) == len(base), name
+        for k in shared:
+            assert torch.equal(base[k], sd[k]), (name, k)
+    torch.manual_seed(8)
+    assert not torch.equal(GPT(tiny()).state_dict()["lm_head.weight"], base["lm_head.weight"])
