@@ -1,0 +1,301 @@
+"""The quality ladder: its statistics on hand-made numbers, a 20-step CPU sanity ladder end to end, and
+compare.py rebuilding the same table from the run folders."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attention  # noqa: E402
+import ladder_report as lr  # noqa: E402
+import quick_quality_test as qqt  # noqa: E402
+from data.synthetic import make_synthetic, reference_losses  # noqa: E402
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("p, df, t", [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764),
+                                      (0.975, 9, 2.2622), (0.975, 29, 2.0452), (0.95, 5, 2.0150)])
+def test_t_quantile_matches_tables(p, df, t):
+    assert lr.t_quantile(p, df) == pytest.approx(t, abs=1e-4)
+
+
+def test_paired_ci_no_difference():
+    base = {1: 3.00, 2: 3.10, 3: 3.20}
+    var = {1: 3.01, 2: 3.13, 3: 3.19}  # d = +0.01, +0.03, -0.01: mean 0.01, sd 0.02
+    d = lr.paired_delta(var, base)
+    half = 4.302653 * 0.02 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n) = 0.049683
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.01) and d["sd"] == pytest.approx(0.02)
+    assert d["lo"] == pytest.approx(0.01 - half, abs=1e-6) and d["hi"] == pytest.approx(0.01 + half, abs=1e-6)
+    assert d["verdict"] == "no difference"  # a positive mean whose CI contains 0 is not a loss, and vice versa
+
+
+def test_paired_ci_worse_and_better():
+    base = {1: 3.0, 2: 3.0, 3: 3.0}
+    worse = lr.paired_delta({1: 3.10, 2: 3.12, 3: 3.11}, base)  # d mean 0.11, sd 0.01 -> [0.0852, 0.1348]
+    assert worse["lo"] == pytest.approx(0.11 - 4.302653 * 0.01 / math.sqrt(3), abs=1e-6)
+    assert worse["verdict"] == "worse"
+    better = lr.paired_delta({1: 2.90, 2: 2.88, 3: 2.89}, base)
+    assert better["verdict"] == "better" and better["hi"] < 0
+
+
+def test_pairing_removes_the_seed_to_seed_spread():
+    # seeds differ by 0.5 nats, the variant is 0.010-0.012 lower on every seed: paired, that is a clear win
+    base = {1: 3.0, 2: 3.5, 3: 4.0, 4: 9.9}  # seed 4 has no variant run: left out of the pairing
+    var = {1: 2.990, 2: 3.488, 3: 3.989}
+    d = lr.paired_delta(var, base)
+    assert d["n"] == 3 and d["seeds"] == [1, 2, 3]
+    assert d["mean"] == pytest.approx(-0.011) and d["verdict"] == "better"
+
+
+def test_one_seed_has_no_ci_and_no_seed_is_not_run():
+    d = lr.paired_delta({7: 2.9}, {7: 3.0})
+    assert d["n"] == 1 and d["lo"] is None and d["verdict"] == "n=1, no CI"
+    assert lr.paired_delta({1: 2.9}, {2: 3.0})["verdict"] == "not run"
+
+
+def test_interp():
+    assert lr.interp([0, 10, 20], [4.0, 3.0, 2.0], 15) == pytest.approx(2.5)
+    assert lr.interp([0, 10, 20], [4.0, 3.0, 2.0], 20) == pytest.approx(2.0)
+    assert lr.interp([5, 10], [4.0, 3.0], 4) is None and lr.interp([5, 10], [4.0, 3.0], 11) is None
+
+
+def test_reference_losses_by_hand():
+    ref = reference_losses("recall", 8, 24, 0.5)
+    # per document: ln26 (key) + ln17 (length) + 16 (ln2 + 0.5 ln26); tokens 3 + 16 * 1.5 = 27
+    ideal = (math.log(26) + math.log(17) + 16 * (math.log(2) + 0.5 * math.log(26))) / 27
+    assert ref["ideal"] == pytest.approx(ideal)
+    assert ref["no_attention_bound"] == pytest.approx(ideal + 16 * 0.5 * math.log(26) / 27)
+
+
+# ----------------------------------------------------------------------------- verdicts from made-up run folders
+
+def fake_run(root, attn, seed, vals, ms=10.0, ra_R=8, gates=None, status="done"):
+    """A run folder like train.py's: evals every 10 steps with the given val losses, ms per step constant."""
+    d = root / f"{attn}-s{seed}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"attn": attn, "seed": seed, "ra_R": ra_R, "lr": 1e-3,
+                                               "run_name": d.name, "out_dir": str(root)}))
+    lines = []
+    for i, v in enumerate(vals, 1):
+        step = 10 * i
+        lines.append({"step": step, "loss": v + 0.1, "ms_per_step": ms,
+                      "train_time_s": step * ms / 1000, **{f"attn/mean/{k}": x for k, x in (gates or {}).items()}})
+        lines.append({"step": step, "val_loss": v, "train_time_s": step * ms / 1000})
+    (d / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (d / "summary.json").write_text(json.dumps({"status": status, "step": 10 * len(vals),
+                                                "train_time_s": 10 * len(vals) * ms / 1000}))
+    return d
+
+
+def verdict_map(results):
+    return {v["question"]: v["answer"] for v in results["verdicts"]}
+
+
+def test_decision_tree_from_known_numbers(tmp_path):
+    for seed, off in zip((1, 2, 3), (0.0, 0.3, 0.6)):  # big seed-to-seed spread, small paired differences
+        fake_run(tmp_path, "sdpa", seed, [4.0 + off, 3.0 + off, 2.50 + off], ms=10)
+        fake_run(tmp_path, "ra_same_flop", seed, [4.0 + off, 3.0 + off, 2.50 + off + 0.001 * seed], ms=13)
+        fake_run(tmp_path, "ra_headsel", seed, [3.9 + off, 2.9 + off, 2.40 + off + 0.001 * seed], ms=10,
+                 gates={"ra_frac": 0.5, "w_rec": 0.2})
+    runs = [lr.load_run(d) for d in lr.discover_runs([tmp_path])]
+    res = lr.build_results(runs, order=attention.names())
+    assert [v["label"] for v in res["variants"]][0] == "sdpa"
+    sf = next(v for v in res["variants"] if v["attn"] == "ra_same_flop")
+    assert sf["vs_baseline"]["mean"] == pytest.approx(0.002) and sf["vs_baseline"]["verdict"] == "no difference"
+    assert sf["ms_ratio"] == pytest.approx(1.3)
+    v = verdict_map(res)
+    assert v["R=8 keeps val loss (within noise)?"] == "YES"  # no difference is "keeps", not a win
+    assert v["head-selective helps?"] == "YES"  # 0.1 lower than ra_same_flop on every seed, not worse than sdpa
+    # equal time: every run of 30 steps at 10 ms ends at 0.3 s: ra_headsel is 0.097-0.099 lower there
+    hs = next(v for v in res["variants"] if v["attn"] == "ra_headsel")
+    t = hs["vs_baseline_at_time"]
+    assert t["time_s"] == pytest.approx(0.3) and t["verdict"] == "better"
+    assert v["quality-per-ms better than baseline? [ra_headsel]"] == "YES"
+    # ra_same_flop at 13 ms/step is at step 23 at 0.3 s: val interpolated between 3.0 (0.26 s) and 2.5 (0.39 s)
+    sf_t = sf["vs_baseline_at_time"]
+    assert sf_t["mean"] == pytest.approx(3.0 - 0.5 * 0.04 / 0.13 - 2.5 + 0.002 * 0.04 / 0.13, abs=1e-9)
+    assert v["quality-per-ms better than baseline? [ra_same_flop]"] == "NO (worse)"
+    md = lr.render_tables(res)
+    assert "| ra_headsel | 3/3 |" in md and "no difference" in md
+
+
+def test_keeping_the_loss_needs_a_narrow_ci_and_faster_needs_a_speed_ci(tmp_path):
+    # ra_same_flop: d = -0.5, +0.4, 0.0 -> "no difference" in the table, but far too wide to say it keeps the loss
+    # ra_headsel: equal to ra_same_flop within 0.001 on every seed, and 20-22% faster on every seed
+    for seed, d in zip((1, 2, 3), (-0.5, 0.4, 0.0)):
+        fake_run(tmp_path, "sdpa", seed, [4.0, 3.0], ms=10)
+        fake_run(tmp_path, "ra_same_flop", seed, [4.0, 3.0 + d], ms=10)
+        fake_run(tmp_path, "ra_headsel", seed, [4.0, 3.0 + d + 0.001 * (seed - 2)], ms=8 - 0.1 * seed)
+    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
+    sf = next(v for v in res["variants"] if v["attn"] == "ra_same_flop")
+    assert sf["vs_baseline"]["verdict"] == "no difference"
+    v = verdict_map(res)
+    assert v["R=8 keeps val loss (within noise)?"] == "UNDECIDED"
+    assert "too wide to tell" in res["verdicts"][0]["detail"]
+    # within the margin of ra_same_flop and faster (CI below 1), but not shown to keep sdpa's loss: undecided
+    assert "faster" in res["verdicts"][1]["detail"] and v["head-selective helps?"] == "UNDECIDED"
+    s = lr.speed_ratio([lr.load_run(tmp_path / f"ra_headsel-s{i}") for i in (1, 2, 3)],
+                       [lr.load_run(tmp_path / f"ra_same_flop-s{i}") for i in (1, 2, 3)])
+    assert s["ratio"] == pytest.approx((7.9 * 7.8 * 7.7 / 1000) ** (1 / 3)) and s["hi"] < 1 and s["verdict"] == "faster"
+
+
+def test_verdicts_say_not_run_and_n1(tmp_path):
+    fake_run(tmp_path, "sdpa", 1, [3.0, 2.5])
+    fake_run(tmp_path, "ra_same_flop", 1, [3.0, 2.6], ra_R=12)
+    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
+    v = verdict_map(res)
+    assert v["R=12 keeps val loss (within noise)?"] == "UNDECIDED"
+    assert "n=1, no CI" in res["verdicts"][0]["detail"] and "asks about R=8" in res["verdicts"][0]["detail"]
+    assert v["head-selective helps?"] == "not run"
+
+
+def test_gate_out_of_range_fails_the_sanity_check(tmp_path):
+    run = lr.load_run(fake_run(tmp_path, "ra_headsel", 1, [3.0, 2.5], gates={"ra_frac": 1.5, "w_rec": -0.1}))
+    assert run["checks"]["gates in range"]["ok"] is False and not lr.run_passes(run)
+    assert "ra_frac" in run["checks"]["gates in range"]["detail"]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def test_cli_rejects_flags_the_ladder_owns_and_unknown_variants(capsys):
+    with pytest.raises(SystemExit):
+        qqt.parse_args(["--steps", "5", "--seed", "3"])
+    assert "use --seeds / --seed0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qqt.parse_args(["--variants", "sdpa,nope"])
+    assert "unknown attention 'nope'; registered:" in capsys.readouterr().err
+    a = qqt.parse_args(["--steps", "7", "--variants", "ra_same_flop", "--train-args", "--ra-R 4", "--batch-size", "2"])
+    assert a.rung == "sanity" and a.seeds == 1 and a.variants == ["sdpa", "ra_same_flop"]
+    assert a.passthrough == ["--ra-R", "4", "--batch-size", "2"]
+    assert qqt.parse_args([]).rung == "full" and qqt.parse_args(["--rung", "short"]).seeds == 3
+
+
+# ----------------------------------------------------------------------------- a real sanity ladder on CPU
+
+# tiny everything: 20 steps of a 2-layer, 64-wide model on 32-token windows take a few seconds per variant
+SHRINK = "--n-embd 64 --n-head 2 --block-size 32 --batch-size 8 --device cpu"
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ladder")
+    variants = ["sdpa"] + [v for v in ("ra_same_flop", "ra_headsel") if v in attention.names()]
+    cmd = [sys.executable, str(ROOT / "quick_quality_test.py"), "--steps", "20", "--variants", ",".join(variants),
+           "--out-dir", str(tmp / "ladder"), "--data-root", str(tmp / "data"), "--train-args", SHRINK]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return {"dir": tmp / "ladder", "proc": p, "variants": variants, "cmd": cmd, "tmp": tmp, "env": env}
+
+
+def test_sanity_ladder_writes_results(ladder):
+    p, out = ladder["proc"], ladder["dir"]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "sanity: PASS" in p.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert [v["label"] for v in res["variants"]] == ladder["variants"]
+    assert all(v["n_ok"] == 1 and v["passes"] and v["ms_per_step"] > 0 for v in res["variants"])
+    for v in ladder["variants"]:
+        run = out / f"{v}-s1337"
+        assert (run / "config.json").exists() and (run / "log.jsonl").exists() and (run / "train.log").exists()
+    md = (out / "results.md").read_text()
+    for v in ladder["variants"]:
+        assert f"| {v} | 1/1 |" in md  # a row of the main table
+    assert "n=1, no CI" in md
+    assert "- init: " in md  # the check of equal initial values of the shared weights
+    for q in ("keeps val loss (within noise)?**", "**head-selective helps?**", "**quality-per-ms better than baseline?"):
+        assert q in md, q
+    try:
+        import matplotlib  # noqa: F401 - only to know whether plots are expected
+    except ImportError:
+        pytest.skip("matplotlib missing: no plots expected")
+    for png in ("val_loss_vs_step.png", "val_loss_vs_time.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def tables(md):
+    return md[md.index("## Final validation loss"):md.index("## Runs")]
+
+
+def test_compare_rebuilds_the_same_table(ladder, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(ladder["dir"]), "--out", str(tmp_path / "cmp")],
+                       cwd=ladder["tmp"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rebuilt = (tmp_path / "cmp" / "results.md").read_text()
+    assert tables(rebuilt) == tables((ladder["dir"] / "results.md").read_text())
+    # single run folders work too
+    p = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(ladder["dir"] / "sdpa-s1337"),
+                        str(ladder["dir"] / f"{ladder['variants'][1]}-s1337"), "--out", str(tmp_path / "two"),
+                        "--no-plots"], cwd=ladder["tmp"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and f"| {ladder['variants'][1]} | 1/1 |" in p.stdout, p.stdout + p.stderr
+
+
+def test_rerun_reuses_finished_runs(ladder):
+    p = subprocess.run(ladder["cmd"], cwd=ladder["tmp"], env=ladder["env"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("reusing the finished run") == len(ladder["variants"])
+    assert "sanity: PASS" in p.stdout
+
+
+def test_synthetic_dataset_is_cached_and_loads(tmp_path):
+    from data.loader import TokenLoader
+
+    out = make_synthetic("recall", tmp_path, train_tokens=5000, val_tokens=1000)
+    mtime = (out / "meta.json").stat().st_mtime_ns
+    assert make_synthetic("recall", tmp_path, train_tokens=5000, val_tokens=1000) == out
+    assert (out / "meta.json").stat().st_mtime_ns == mtime  # same parameters: not rebuilt
+    x, y = TokenLoader(out, "train", 4, 32, seed=0).next_batch()
+    assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
+    toks = x.flatten().tolist() + y[:, -1].tolist()
+    data = bytes(TokenLoader(out, "val", 1, 200).next_batch()[0][0].tolist())
+    # after every '?' comes the document's key, an uppercase letter
+    for i in range(len(data) - 1):
+        if data[i] == ord("?"):
+            assert 65 <= data[i + 1] <= 90
+    assert max(toks) < 256
+
+
+def test_a_failing_variant_is_a_failed_row_not_the_end(monkeypatch, tmp_path):
+    # a variant that builds but raises in forward, run in-process next to sdpa: sdpa still runs and reports
+    import types
+
+    import torch.nn as nn
+
+    class Broken(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+
+        def forward(self, x):
+            raise RuntimeError("boom from the broken test variant")
+
+    module = types.ModuleType("attention.broken_for_test")
+    module.Broken = Broken
+    monkeypatch.setitem(sys.modules, "attention.broken_for_test", module)
+    monkeypatch.setitem(attention.REGISTRY, "broken", "broken_for_test:Broken")
+    out = tmp_path / "ladder"
+    rc = qqt.main(["--steps", "4", "--variants", "broken", "--launch", "inprocess", "--out-dir", str(out),
+                   "--data-root", str(tmp_path / "data"), "--train-args", SHRINK])
+    assert rc == 1
+    md = (out / "results.md").read_text()
+    assert "| broken | 0/1 | FAILED |" in md and "| sdpa | 1/1 |" in md
+    assert "boom from the broken test variant" in (out / "broken-s1337" / "train.log").read_text()
+    assert json.loads((out / "broken-s1337" / "ladder_run.json").read_text())["status"] == "failed (exit 1)"
+
+
+def test_subprocess_launch(tmp_path):
+    out = tmp_path / "ladder"
+    p = subprocess.run([sys.executable, str(ROOT / "quick_quality_test.py"), "--steps", "4", "--variants", "sdpa",
+                        "--launch", "subprocess", "--out-dir", str(out), "--data-root", str(tmp_path / "data"),
+                        "--train-args", SHRINK], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert json.loads((out / "sdpa-s1337" / "ladder_run.json").read_text())["launch"] == "subprocess"
+    assert (out / "results.md").exists()
