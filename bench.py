@@ -121,9 +121,10 @@ def build_model(name, cfg):
     if name not in EXTRA_VARIANTS:
         return GPT(dataclasses.replace(cfg, attn=name))
     model = GPT(dataclasses.replace(cfg, attn="sdpa"))
-    for block in model.transformer.h:  # swap the attention, with GPT's init
+    for i, block in enumerate(model.transformer.h):  # swap the attention, with GPT's init
         block.attn = EXTRA_VARIANTS[name](cfg)
-        block.attn.apply(model._init_weights)
+        for sub, module in block.attn.named_modules():
+            model._init_weights(module, f"transformer.h.{i}.attn.{sub}", init_seed=0)
     return model
 
 
