@@ -126,7 +126,7 @@ class GPT(nn.Module):
         # does not grow with depth
         std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual_proj", False) else 0.02
         with torch.no_grad():
-            module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+            module.weight.copy_(torch.randn(module.weight.shape, generator=gen, device="cpu") * std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
 
