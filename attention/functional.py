@@ -31,6 +31,19 @@ def backend_context(backend):
     return sdpa_kernel(_BACKENDS[backend])
 
 
+def split_heads(qkv, n_head):
+    """A fused projection (B, T, 3C) -> q, k, v, each (B, nh, T, hs) (views, no copy)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    return [t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2)]
+
+
+def merge_heads(y):
+    """Per-head outputs (B, nh, T, hs) -> (B, T, nh * hs), ready for the output projection."""
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).contiguous().view(B, T, H * D)
+
+
 def sdpa_causal(q, k, v, backend="auto", dropout_p=0.0, scale=None):
     """Causal softmax attention (B, H, T, D) -> (B, H, T, Dv), optionally on one forced backend."""
     with backend_context(backend):

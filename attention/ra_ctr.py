@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from attention.ctr_kernel import reciprocal_attention_any
+from attention.functional import merge_heads, split_heads
 
 
 class CTRReciprocalAttention(nn.Module):
@@ -53,17 +54,11 @@ class CTRReciprocalAttention(nn.Module):
         return self.a, self.b
 
     def forward(self, x):
-        B, T, C = x.shape
-        hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         a, b = self.head_weights()
         dropout_p = self.dropout if self.training else 0.0
         y = reciprocal_attention_any(q, k, v, a, b, dropout_p=dropout_p, **self.kernel_kwargs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
 
     def metrics(self):
         return {"b_abs": self.b.detach().abs().mean()}

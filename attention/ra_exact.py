@@ -24,7 +24,9 @@ argument); residual dropout is.
 import torch
 import torch.nn as nn
 
-from attention.functional import backend_context, reciprocal_attention, reciprocal_attention_padded_v
+from attention.functional import (
+    backend_context, merge_heads, reciprocal_attention, reciprocal_attention_padded_v, split_heads,
+)
 
 
 class ExactRA(nn.Module):
@@ -52,20 +54,14 @@ class ExactRA(nn.Module):
 
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         # flash (and cuDNN) need equal qk/v head dims: pad V rather than leave the fused kernel
         ra = reciprocal_attention_padded_v if self.backend in ("flash", "cudnn") else reciprocal_attention
         with backend_context(self.backend):
             return ra(q, k, v, self.a, self.b)  # scale 1/sqrt(hs)
 
     def forward(self, x):
-        B, T, C = x.shape
-        y = self.heads(x).transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))
 
     def metrics(self):
         return {"a": self.a.detach().mean(), "b": self.b.detach().mean()}

@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.functional import (
-    RA_QUANT_MODES, check_ra_quant, fold_same_flop_qkv, quantize_rec, same_flop_qk, sdpa_causal,
+    RA_QUANT_MODES, check_ra_quant, fold_same_flop_qkv, merge_heads, quantize_rec, same_flop_qk, sdpa_causal,
+    split_heads,
 )
 
 
@@ -99,20 +100,12 @@ class SameFlopRA(nn.Module):
 
     def qkv(self, x):
         """Block input (B, T, C) -> Qf, Kf, V, each (B, nh, T, hs)."""
-        B, T, C = x.shape
-        H, D = self.n_head, C // self.n_head
         rec_on = self.rec_on()
         if self.fused:
             w, b = fold_same_flop_qkv(self.c_attn.weight, self.c_attn.bias, self.W, self.s_std, self.s_rec, rec_on)
-            q, k, v = F.linear(x, w, b).split(C, dim=2)  # already Qf, Kf, V
-            q = q.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
-            k = k.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
-            v = v.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
+            q, k, v = split_heads(F.linear(x, w, b), self.n_head)  # already Qf, Kf, V, each (B, nh, T, hs)
         else:
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            q = q.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
-            k = k.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
-            v = v.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
+            q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
             q, k = same_flop_qk(q, k, self.W, self.s_std, self.s_rec, rec_on)
         q = quantize_rec(q, self.R, self.quant, rec_on)
         k = quantize_rec(k, self.R, self.quant, rec_on)
@@ -126,9 +119,7 @@ class SameFlopRA(nn.Module):
         return sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # scale 1/sqrt(hs)
 
     def forward(self, x):
-        B, T, C = x.shape
-        y = self.heads(x).transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))
 
     def metrics(self):
         return {"w_std": self.w_std.detach().mean(), "w_rec": self.w_rec.detach().mean()}

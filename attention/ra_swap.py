@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention.functional import sdpa_causal
+from attention.functional import merge_heads, sdpa_causal, split_heads
 
 
 class SwapRA(nn.Module):
@@ -43,20 +43,14 @@ class SwapRA(nn.Module):
 
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
         y = sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs)
         r = sdpa_causal(k, q, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs): k_i . q_j
         return y + torch.tanh(self.beta) * F.layer_norm(r, r.shape[-1:])
 
     def forward(self, x):
-        B, T, C = x.shape
-        y = self.heads(x).transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))
 
     def metrics(self):
         return {"beta": self.beta.detach()[0]}

@@ -8,11 +8,9 @@ picks PyTorch's fastest backend (cuDNN or flash on a GPU). `sdpa_backend`
 forces one backend for experiments.
 """
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from attention.functional import sdpa_causal
+from attention.functional import merge_heads, sdpa_causal, split_heads
 
 
 class CausalSelfAttention(nn.Module):
@@ -28,12 +26,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
         y = sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
