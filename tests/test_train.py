@@ -85,6 +85,10 @@ def test_short_run_loss_falls_and_logs(corpus, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["attn"] == "sdpa" and cfg["n_layer"] == 2 and cfg["vocab_size"] == 256
     assert (run / "ckpt.pt").exists() and json.loads((run / "summary.json").read_text())["status"] == "done"
+    p = subprocess.run([sys.executable, "sample.py", "--run", str(run), "--prompt", "The ", "--tokens", "20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("The ") and len(p.stdout) > 24  # the prompt, 20 sampled bytes, a separator
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
