@@ -88,7 +88,8 @@ def test_short_run_loss_falls_and_logs(corpus, tmp_path):
     p = subprocess.run([sys.executable, "sample.py", "--run", str(run), "--prompt", "The ", "--tokens", "20"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("The ") and len(p.stdout) > 24  # the prompt, 20 sampled bytes, a separator
+    text = p.stdout.split("-" * 40)[0]  # sample.py ends each sample with a line of dashes
+    assert text.startswith("The ") and len(text) > len("The ") + 5, p.stdout
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
