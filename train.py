@@ -263,6 +263,20 @@ def main(argv=None):
     for n in notes:
         log(n)
 
+    # ---- run folder; --resume continues with the saved config, overridden only by the flags given now
+    run_name = tc.run_name or f"{mc.attn}-{tc.preset}-s{tc.seed}"
+    run_dir = ROOT / tc.out_dir / run_name if not os.path.isabs(tc.out_dir) else Path(tc.out_dir) / run_name
+    ckpt_path = run_dir / "ckpt.pt"
+    ckpt = None
+    if tc.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (check --out-dir and --run-name)")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        given = {k for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+        tc = TrainConfig(**{**ckpt["train_config"], **{k: getattr(tc, k) for k in given if hasattr(tc, k)}})
+        mc = GPTConfig(**ckpt["model_config"])  # the architecture cannot change on resume
+        log(f"resuming {run_name} from step {ckpt['step']}")
+
     # ---- data: prepared on first use (rank 0 prepares, the others wait)
     from data.loader import TokenLoader, load_meta
     from data.prepare import dataset_dir, prepare
@@ -275,18 +289,6 @@ def main(argv=None):
         dist.barrier()
     meta = load_meta(data_dir)
     mc.vocab_size = meta["vocab_size"]
-
-    # ---- run folder; --resume reads the saved config and keeps only the flags given now
-    run_name = tc.run_name or f"{mc.attn}-{tc.preset}-s{tc.seed}"
-    run_dir = ROOT / tc.out_dir / run_name if not os.path.isabs(tc.out_dir) else Path(tc.out_dir) / run_name
-    ckpt_path = run_dir / "ckpt.pt"
-    ckpt = None
-    if tc.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (check --out-dir and --run-name)")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        mc = GPTConfig(**ckpt["model_config"])  # the architecture cannot change on resume
-        log(f"resuming {run_name} from step {ckpt['step']}")
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**asdict(tc), **asdict(mc), "run_name": run_name,
