@@ -468,12 +468,14 @@ def _mean_gates(runs):
 
 # ----------------------------------------------------------------------------- verdicts
 
-def _fmt_delta(d):
+def _fmt_delta(d, cell=False):
+    """A paired delta as text; cell=True: the short form of the tables ('-' when missing)."""
     if not d or d["n"] == 0:
-        return "no paired seeds"
+        return "-" if cell else "no paired seeds"
     if d["n"] == 1:
         return f"{d['mean']:+.4f} (n=1, no CI)"
-    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] (95% CI, n={d['n']})"
+    interval = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+    return interval if cell else f"{interval} (95% CI, n={d['n']})"
 
 
 def _said(d):
@@ -621,14 +623,6 @@ def _f(x, nd=4):
     return f"{x:.{nd}f}" if _finite(x) else "-"
 
 
-def _delta_cell(d):
-    if not d or d["n"] == 0:
-        return "-"
-    if d["n"] == 1:
-        return f"{d['mean']:+.4f} (n=1, no CI)"
-    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
-
-
 def render_tables(results):
     """The comparison tables and verdicts (the part that compare.py must reproduce exactly)."""
     base = results["baseline"] or "(no baseline)"
@@ -644,7 +638,7 @@ def render_tables(results):
         verdict = "baseline" if v.get("is_baseline") else v.get("vs_baseline", {}).get("verdict", "-")
         ratio = "1.00" if v.get("is_baseline") else _ratio(v.get("ms_ratio")) if v.get("ms_ratio") else "-"
         out.append(f"| {v['label']} | {v['n_ok']}/{v['n_runs']} | {mean} | "
-                   f"{'-' if v.get('is_baseline') else _delta_cell(v.get('vs_baseline'))} | {verdict} | "
+                   f"{'-' if v.get('is_baseline') else _fmt_delta(v.get('vs_baseline'), cell=True)} | {verdict} | "
                    f"{_f(v['ms_per_step'], 1)} | {ratio} | {_f(v['steps'], 0)} | {_f(v['train_time_s'], 1)} |")
     s = results["equal_step"]
     axis = ("train_time_s (training steps only: no eval, no checkpoints) less the first interval's warm-up"
@@ -661,8 +655,8 @@ def render_tables(results):
             out.append(f"| {v['label']} | {_f(v['val_at_step_mean'])} | - | baseline | - | - | baseline |")
             continue
         a, t = v.get("vs_baseline_at_step"), v.get("vs_baseline_at_time")
-        out.append(f"| {v['label']} | {_f(v['val_at_step_mean'])} | {_delta_cell(a)} | {(a or {}).get('verdict', '-')} | "
-                   f"{_f((t or {}).get('time_s'), 1)} | {_delta_cell(t)} | {(t or {}).get('verdict', '-')} |")
+        out.append(f"| {v['label']} | {_f(v['val_at_step_mean'])} | {_fmt_delta(a, cell=True)} | {(a or {}).get('verdict', '-')} | "
+                   f"{_f((t or {}).get('time_s'), 1)} | {_fmt_delta(t, cell=True)} | {(t or {}).get('verdict', '-')} |")
     out += ["", "## Sanity checks", "",
             "Per run: finished; train loss fell (last logged < 0.99 × first logged); every loss and attention "
             "metric finite; gates in range; on synthetic data the val loss must not beat the task's ideal "

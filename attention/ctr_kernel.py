@@ -61,6 +61,9 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
+
+from attention.functional import ra_operands, reciprocal_attention
 
 try:
     import triton
@@ -571,25 +574,13 @@ configs (dicts with BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuni
 
 # ---------------------------------------------------------------------- pure-torch path
 def reciprocal_attention_torch(q, k, v, a, b, scale=None, dropout_p=0.0):
-    """Exact RA without Triton: functional.reciprocal_attention when it exists, else one SDPA over
-    the folded head dim 2D: [a q_i, b k_i] . [k_j, q_j] = a q_i.k_j + b q_j.k_i."""
-    try:
-        from attention.functional import reciprocal_attention
-    except ImportError:
-        reciprocal_attention = None
-    if reciprocal_attention is not None and dropout_p == 0.0:
+    """Exact RA without Triton: functional.reciprocal_attention, or, with attention dropout, the
+    same single SDPA call over its folded operands (head dim 2D) with SDPA's dropout."""
+    if dropout_p == 0.0:
         return reciprocal_attention(q, k, v, a, b, scale=scale)
-    import torch.nn.functional as F
-
-    D = q.shape[-1]
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
-    H = q.shape[1]
-    a_ = a.reshape(1, H, 1, 1).to(q.dtype)
-    b_ = b.reshape(1, H, 1, 1).to(q.dtype)
-    qf = torch.cat([q * a_, k * b_], dim=-1)
-    kf = torch.cat([k, q], dim=-1)
-    vf = v
-    return F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, dropout_p=dropout_p, scale=scale)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    qf, kf = ra_operands(q, k, a, b)  # (B, H, T, 2D): qf_i . kf_j = a q_i.k_j + b q_j.k_i
+    return F.scaled_dot_product_attention(qf, kf, v, is_causal=True, dropout_p=dropout_p, scale=scale)
 
 
 _NOTICE_SHOWN = False

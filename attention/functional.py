@@ -91,7 +91,7 @@ def _causal_mask(T, device):
     return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)  # True above the diagonal: j > i
 
 
-def _ra_operands(q, k, a, b):
+def ra_operands(q, k, a, b):
     """Exact RA as one dot product: q' = [q, k], k' = [a k, b q] (B, H, T, 2D)."""
     return torch.cat([q, k], dim=-1), torch.cat([_per_head(a, k) * k, _per_head(b, q) * q], dim=-1)
 
@@ -117,7 +117,7 @@ def reciprocal_attention(q, k, v, a, b, scale=None):
     must not force such a backend, see ra_exact).
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    qf, kf = _ra_operands(q, k, a, b)  # (B, H, T, 2D)
+    qf, kf = ra_operands(q, k, a, b)  # (B, H, T, 2D)
     try:
         return F.scaled_dot_product_attention(qf, kf, v, is_causal=True, scale=scale)
     except RuntimeError as e:  # "No available kernel" under a forced backend; never swallow OOM
@@ -134,7 +134,7 @@ def reciprocal_attention_padded_v(q, k, v, a, b, scale=None):
     """
     D = q.size(-1)
     scale = D ** -0.5 if scale is None else scale
-    qf, kf = _ra_operands(q, k, a, b)  # (B, H, T, 2D)
+    qf, kf = ra_operands(q, k, a, b)  # (B, H, T, 2D)
     y = F.scaled_dot_product_attention(qf, kf, F.pad(v, (0, D)), is_causal=True, scale=scale)
     return y[..., :D]  # (B, H, T, D)
 
