@@ -29,7 +29,10 @@ The arithmetic:
   step: tokens/s = B * T / (s per step); MFU = model.flops_per_token(T) * tokens/s / peak bf16.
   ratio ("x sdpa") = ms of the row / ms of sdpa in the same section, pass and setting (>1: slower).
   time = median over --reps calls after --warmup calls, each call on the next of --n-inputs input
-  sets (so the L2 cache does not flatter), timed with CUDA events (wall clock on CPU).
+  sets (so the L2 cache does not flatter), timed with CUDA events (wall clock on CPU). On a GPU the
+  attention rows replay each call as a CUDA graph (one per input set; --no-graphs: eager calls), so
+  they time the kernels rather than Python's kernel launches; the step rows time eager or compiled
+  calls as train.py makes them.
   memory = attn: peak allocated above what the inputs and module hold; step: peak allocated.
 
 Variants come from attention.names() (new names are picked up without editing this file) plus
@@ -204,6 +207,76 @@ def time_ms(fn, warmup, reps, device):
     return statistics.median(times)
 
 
+def time_graph_ms(fn, n_graphs, warmup, reps):
+    """Median ms of `reps` CUDA-graph replays of fn. One graph per input set (fn rotates its inputs, so
+    n_graphs consecutive captures cover them all), replayed in turn. A replay launches the whole call
+    at once, so the time is the GPU's: timed eagerly, a call made of many short kernels measures how
+    fast Python can launch them. Raises what the capture raises (e.g. a host sync inside fn)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, lazy init, allocator) off the capture
+        for _ in range(max(warmup, 2)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    pool, graphs = torch.cuda.graph_pool_handle(), []
+    for _ in range(n_graphs):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            fn()
+        graphs.append(g)
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        graphs[i % n_graphs].replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+# kernel name -> category, first match wins (cuBLAS/CUTLASS GEMMs, SDPA's and our attention kernels,
+# the optimizer's multi-tensor kernels, then torch.compile's generated Triton kernels)
+KERNEL_CATEGORIES = [
+    ("attention", ("flash", "fmha", "cudnn", "attn", "attention", "_ctr_")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "wgmma", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("compiled", ("triton_",)),
+]
+
+
+def kernel_category(name):
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_kernels(fn, steps):
+    """GPU kernel time per call of fn, from torch.profiler over `steps` calls: {category: ms}, the top
+    kernels [(ms per call, launches per call, name)], and the kernel-time total. The step's own
+    ms minus that total is time the GPU sat idle (waiting on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    cats, kernels = {}, []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:  # torch < 2.4 names it after CUDA
+            us = e.self_cuda_time_total
+        if us <= 0:
+            continue
+        ms = us / 1e3 / steps
+        cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
+        kernels.append((ms, e.count / steps, e.key))
+    kernels.sort(reverse=True)
+    return dict(categories=cats, top=kernels[:12], total_ms=sum(cats.values()))
+
+
 def cycle(items):
     it = itertools.cycle(items)
     return lambda: next(it)
@@ -277,16 +350,27 @@ class Bench:
         self.rows += rows
         return rows
 
-    def measure(self, row, fn, warmup, reps, flops):
+    def measure(self, row, fn, warmup, reps, flops, graphs=False):
+        """Time fn into row. graphs: replay it as CUDA graphs (attention rows on a GPU, unless
+        --no-graphs); a call that cannot be captured is timed eagerly and says so in row["timing"]."""
         dev = self.device
         if dev.type == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        row["ms"] = time_ms(fn, warmup, reps, dev)
-        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        row["ms"] = time_ms(fn, warmup, reps if not graphs else 3, dev)  # eager: also the memory figure
+        row["timing"] = "cuda events" if dev.type == "cuda" else "wall clock"
         if dev.type == "cuda":
             row["mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if graphs:
+            try:
+                row["ms"] = time_graph_ms(fn, self.args.n_inputs, warmup, reps)
+                row["timing"] = "cuda graph"
+            except Exception as e:  # not capturable: keep an eager timing, marked as such
+                torch.cuda.synchronize()
+                row["ms"] = time_ms(fn, warmup, reps, dev)
+                row["timing"] = f"cuda events (graph capture failed: {type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         row["status"] = "ok"
 
     # -- attention module / function at one shape ----------------------------
@@ -307,8 +391,9 @@ class Bench:
             y = y[0] if isinstance(y, tuple) else y
             return torch.autograd.grad(y, list(args) + extra, dy.to(y.dtype), allow_unused=True)
 
-        self.measure(rows[0], fwd, self.args.warmup, self.args.reps, flops_fwd)
-        self.measure(rows[1], fwd_bwd, self.args.warmup, self.args.reps, flops_fwd_bwd)
+        graphs = self.device.type == "cuda" and self.args.graphs
+        self.measure(rows[0], fwd, self.args.warmup, self.args.reps, flops_fwd, graphs)
+        self.measure(rows[1], fwd_bwd, self.args.warmup, self.args.reps, flops_fwd_bwd, graphs)
 
     def attn_module(self, section, group, setting, name, cfg, B, T, prepare=None):
         rows = self.new_rows(section, group, setting, "module", name, ["fwd", "fwd+bwd"], ra_R=cfg.ra_R, T=T)
@@ -383,6 +468,7 @@ class Bench:
                 model = build_model(name, cfg).to(dev).train()
             opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
             fwd = torch.compile(model) if compiled else model
+            aux_loss = torch.compile(model.aux_loss) if compiled else model.aux_loss  # as train.py does
             batches = [torch.randint(0, cfg.vocab_size, (2, B, T), device=dev) for _ in range(a.n_inputs)]
             nxt, it = cycle(batches), itertools.count()
 
@@ -391,7 +477,7 @@ class Bench:
                 model.set_step(next(it))
                 with self.autocast():
                     _, loss = fwd(x, y)
-                    aux = model.aux_loss()
+                    aux = aux_loss()
                 (loss + aux).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
@@ -410,6 +496,8 @@ class Bench:
             row["params"].update(n_params=model.num_params(), flops_per_token=fpt)
             if dev.type == "cuda":
                 row["mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                if a.profile:  # after the timing: the profiler's own overhead must not be in it
+                    row["profile"] = profile_kernels(train_step, a.profile)
             row["status"] = "ok"
 
         self.guarded(rows, run)
@@ -528,10 +616,36 @@ def section_table(rows):
                   fmt_flops(r["tflops"]), fmt(r.get("mfu"), ".1%"), fmt(r["ratio"], ".3f"),
                   fmt(r["mem_mib"], ",.0f"), fmt(r.get("first_step_s"), ".1f"), status(r)] for r in rows]
     else:
-        header = ["kind", "variant", "setting", "pass", "ms", "TFLOP/s", "x sdpa", "mem MiB", "status"]
+        header = ["kind", "variant", "setting", "pass", "ms", "TFLOP/s", "x sdpa", "mem MiB", "timing", "status"]
         lines = [[r["kind"], r["variant"], r["setting"], r["passes"], fmt(r["ms"], ".3f"), fmt_flops(r["tflops"]),
-                  fmt(r["ratio"], ".3f"), fmt(r["mem_mib"], ",.0f"), status(r)] for r in rows]
+                  fmt(r["ratio"], ".3f"), fmt(r["mem_mib"], ",.0f"), r.get("timing", ""), status(r)] for r in rows]
     return markdown(header, lines)
+
+
+def profile_table(rows):
+    """Where the step time goes (--profile): kernel ms per category, and each variant's difference
+    to sdpa in the same mode, so "1.02x" becomes "+0.4 ms of compiled kernels, +0.3 ms idle"."""
+    rows = [r for r in rows if r.get("profile")]
+    if not rows:
+        return ""
+    cats = [c for c, _ in KERNEL_CATEGORIES] + ["other"]
+    base = {r["passes"]: r for r in rows if r["variant"] == "sdpa"}
+
+    def cells(r):
+        p = r["profile"]
+        return [r["ms"], p["total_ms"], r["ms"] - p["total_ms"]] + [p["categories"].get(c, 0.0) for c in cats]
+
+    lines, tops = [], []
+    for r in rows:
+        own = cells(r)
+        lines.append([r["variant"], r["passes"]] + [f"{v:.2f}" for v in own])
+        b = base.get(r["passes"])
+        if b is not None and b is not r:
+            lines.append(["", "- sdpa"] + [f"{v - w:+.2f}" for v, w in zip(own, cells(b))])
+        tops.append(f"{r['variant']} ({r['passes']}): " + "; ".join(
+            f"{ms:.2f} ms x{n:g} {name[:60]}" for ms, n, name in r["profile"]["top"][:6]))
+    table = markdown(["variant", "mode", "step ms", "kernels ms", "GPU idle ms"] + [f"{c} ms" for c in cats], lines)
+    return table + "\n\ntop kernels per step:\n" + "\n".join("  " + t for t in tops)
 
 
 def summary(bench):
@@ -598,7 +712,8 @@ def meta(args, device):
                             step=dict(batch=args.batch, T=args.step_T, n_layer=args.n_layer, n_head=args.n_head,
                                       n_embd=args.n_embd, vocab_size=args.vocab_size)),
                 timing=dict(warmup=args.warmup, reps=args.reps, step_warmup=args.step_warmup,
-                            step_reps=args.step_reps, n_inputs=args.n_inputs), cfg=args.cfg)
+                            step_reps=args.step_reps, n_inputs=args.n_inputs,
+                            attn="cuda graph replays" if (cuda and args.graphs) else "eager calls"), cfg=args.cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -618,6 +733,10 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: smoke run with tiny defaults)")
     p.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="step: also time torch.compile(model)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="step: also run N steps under torch.profiler and print where the GPU time goes")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="attn/sweeps: time eager calls with CUDA events instead of CUDA-graph replays")
     p.add_argument("--out", help="write the JSON here (rewritten after every section)")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: table by device name)")
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE", help="GPTConfig override, e.g. ra_R=12")
@@ -706,6 +825,9 @@ def main(argv=None):
         bench.add_ratios()
         print(f"## {title} ({time.perf_counter() - t0:.0f} s)\n")
         print(section_table([r for r in bench.rows if r["section"] == section]) + "\n", flush=True)
+        if section == "step" and args.profile and device.type == "cuda":
+            print(f"## where the step time goes: GPU kernel time per step from torch.profiler ({args.profile} steps)\n")
+            print(profile_table([r for r in bench.rows if r["section"] == section]) + "\n", flush=True)
 
     print(f"## summary: time / sdpa time (lower is faster) -- {info['device_name']}, {info['date']}"
           + (f"\n{banner}" if smoke else "") + "\n")

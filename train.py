@@ -321,8 +321,12 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
     raw_model = model
+    aux_loss = raw_model.aux_loss
     if tc.compile:
         model = torch.compile(model)
+        # the attention regularizers too: eagerly they are a few tiny kernels per layer, forward and
+        # backward, each a launch the GPU waits for; compiled, one fused kernel each way
+        aux_loss = torch.compile(aux_loss)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -407,7 +411,7 @@ def main(argv=None):
             with (model.no_sync() if (ddp and not sync) else nullcontext()):
                 with autocast:
                     _, loss = model(x, y)
-                    aux = raw_model.aux_loss()
+                    aux = aux_loss()
                 loader_state = loader.state_dict()
                 x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())  # prefetch while GPU works
                 scaler.scale((loss + aux) / tc.grad_accum).backward()

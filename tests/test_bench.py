@@ -81,3 +81,28 @@ def test_roadmap_unfused_matches_its_formula():
     s = q[..., :D - R] @ k[..., :D - R].transpose(-1, -2) + (k @ W) @ (q @ W).transpose(-1, -2)
     s = (s / D ** 0.5).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(y, s.softmax(-1) @ v)
+
+
+def test_kernel_categories_and_profile_table():
+    assert bench.kernel_category("flash_bwd_kernel<...>") == "attention"
+    assert bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert bench.kernel_category("nvjet_tst_128x256_64x4") == "gemm"
+    assert bench.kernel_category("void at::native::multi_tensor_apply_kernel<FusedAdamW...>") == "optimizer"
+    assert bench.kernel_category("triton_per_fused__to_copy_add_mul_sum_3") == "compiled"
+    assert bench.kernel_category("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
+
+    def row(variant, ms, cats):
+        top = [(v, 1.0, k) for k, v in cats.items()]
+        return dict(variant=variant, passes="compile", ms=ms,
+                    profile=dict(categories=cats, top=top, total_ms=sum(cats.values())))
+
+    rows = [row("sdpa", 10.0, {"gemm": 6.0, "attention": 2.0, "compiled": 1.5}),
+            row("ra_x", 10.5, {"gemm": 6.0, "attention": 2.0, "compiled": 1.7, "other": 0.1})]
+    table = bench.profile_table(rows)
+    lines = table.splitlines()
+    # the variant's own line, then its difference to sdpa: step +0.5 = kernels +0.3 + idle +0.2
+    diff = next(line for line in lines if "- sdpa" in line)
+    cells = [c.strip() for c in diff.strip("|").split("|")]
+    assert cells[2:5] == ["+0.50", "+0.30", "+0.20"]
+    assert "top kernels per step" in table and "ra_x (compile)" in table
+    assert bench.profile_table([dict(variant="sdpa", passes="eager", ms=1.0)]) == ""
