@@ -149,7 +149,7 @@ def function_extras(cfg, D, device, dtype):
     """Values for the arguments after q, k, v, by parameter name (per-head weights fp32, like params)."""
     a = torch.full((cfg.n_head,), cfg.ra_w_std_init, device=device, requires_grad=True)
     b = torch.full((cfg.n_head,), cfg.ra_w_rec_init, device=device, requires_grad=True)
-    W = (torch.randn(D, cfg.ra_R, device=device, dtype=dtype) / math.sqrt(D)).requires_grad_()
+    W = (randn(D, cfg.ra_R, device=device, dtype=dtype) / math.sqrt(D)).requires_grad_()
     return dict(a=a, w_std=a, b=b, w_rec=b, W=W, R=cfg.ra_R, backend=cfg.sdpa_backend)
 
 
@@ -207,6 +207,10 @@ def time_ms(fn, warmup, reps, device):
     return statistics.median(times)
 
 
+class HostSync(RuntimeError):
+    """The timed call synchronizes the host with the GPU, so it cannot be a CUDA graph."""
+
+
 def time_graph_ms(fn, n_graphs, warmup, reps):
     """Median ms of `reps` CUDA-graph replays of fn. One graph per input set (fn rotates its inputs, so
     n_graphs consecutive captures cover them all), replayed in turn. A replay launches the whole call
@@ -217,6 +221,14 @@ def time_graph_ms(fn, n_graphs, warmup, reps):
     with torch.cuda.stream(side):  # warm-up (autotuning, lazy init, allocator) off the capture
         for _ in range(max(warmup, 2)):
             fn()
+        # a host sync cannot be captured; find it here, where failing costs nothing
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        except RuntimeError as e:
+            raise HostSync(" ".join(str(e).split())[:160]) from None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     pool, graphs = torch.cuda.graph_pool_handle(), []
@@ -277,6 +289,12 @@ def profile_kernels(fn, steps):
     return dict(categories=cats, top=kernels[:12], total_ms=sum(cats.values()))
 
 
+def randn(*shape, device, dtype, requires_grad=False, gen=torch.Generator().manual_seed(0)):
+    """Random inputs drawn on the CPU and copied over: the CUDA RNG is left alone, since a CUDA-graph
+    capture that fails (see time_graph_ms) leaves it unusable for the rest of the process."""
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
 def cycle(items):
     it = itertools.cycle(items)
     return lambda: next(it)
@@ -293,6 +311,7 @@ class Bench:
         self.args, self.device, self.dtype, self.meta = args, device, dtype, meta
         self.rows, self.dead = [], None  # dead: why the CUDA context can no longer be used
         self.shown = set()  # (variant, error) whose traceback went to stderr already
+        self.capture_failed = None  # the row whose CUDA-graph capture failed (it breaks the CUDA RNG)
         self.notes = {}  # variant -> what it printed (e.g. "[ra_ctr] CTR kernel unavailable ..."), kept for later rows
 
     def autocast(self):
@@ -314,6 +333,9 @@ class Bench:
             skip = isinstance(e, (Skip, ImportError))
             msg = f"{'skipped' if skip else 'error'}: {'' if isinstance(e, Skip) else type(e).__name__ + ': '}{e}"
             msg = " ".join(msg.split())[:300]
+            if self.capture_failed and not skip:
+                msg += (f" (after the failed CUDA-graph capture of {self.capture_failed}, which can leave the CUDA "
+                        f"RNG unusable: rerun with --no-graphs, or without that variant)")
             for r in rows:
                 if r["status"] == "pending":
                     r["status"] = msg
@@ -367,9 +389,12 @@ class Bench:
                 row["ms"] = time_graph_ms(fn, self.args.n_inputs, warmup, reps)
                 row["timing"] = "cuda graph"
             except Exception as e:  # not capturable: keep an eager timing, marked as such
+                why = "host sync" if isinstance(e, HostSync) else "graph capture failed"
+                row["timing"] = f"cuda events ({why}: {type(e).__name__}: {' '.join(str(e).split())[:120]})"
+                if not isinstance(e, HostSync):
+                    self.capture_failed = f"{row['variant']} ({row['passes']})"
                 torch.cuda.synchronize()
                 row["ms"] = time_ms(fn, warmup, reps, dev)
-                row["timing"] = f"cuda events (graph capture failed: {type(e).__name__}: {' '.join(str(e).split())[:120]})"
         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         row["status"] = "ok"
 
@@ -407,7 +432,7 @@ class Bench:
             mult = float(getattr(mod, "attn_flop_mult", 1.0))
             attn = 4 * B * cfg.n_head * T * T * cfg.head_dim / 2 * mult
             lin = 2 * B * T * sum(m.weight.numel() for m in mod.modules() if isinstance(m, nn.Linear))
-            x = lambda **kw: torch.randn(B, T, C, device=dev, dtype=self.dtype, **kw)
+            x = lambda **kw: randn(B, T, C, device=dev, dtype=self.dtype, **kw)
             inputs = [((x(requires_grad=True),), x()) for _ in range(self.args.n_inputs)]
             for r in rows:
                 r["params"]["attn_flop_mult"] = mult
@@ -428,7 +453,7 @@ class Bench:
             except Exception:  # owner not registered (yet)
                 mult = default_mult
             attn = 4 * B * H * T * T * D / 2 * mult
-            t = lambda **kw: torch.randn(B, H, T, D, device=dev, dtype=self.dtype, **kw)
+            t = lambda **kw: randn(B, H, T, D, device=dev, dtype=self.dtype, **kw)
             inputs = [(tuple(t(requires_grad=True) for _ in "qkv"), t()) for _ in range(self.args.n_inputs)]
             for r in rows:
                 r["params"]["attn_flop_mult"] = mult
@@ -454,12 +479,15 @@ class Bench:
 
     # -- training step ---------------------------------------------------------
 
-    def step(self, name, cfg, B, T, compiled):
+    def step(self, name, cfg, B, T, compiled, timed=True):
+        """The training step of one variant: build it, run the first step and, if timed, time it.
+        Returns (row, train_step) (train_step None if it failed), for --interleave to time later."""
         rows = self.new_rows("step", "step", "", "model", name, ["compile" if compiled else "eager"], B=B, T=T)
         row, a, dev = rows[0], self.args, self.device
+        built = {}
 
         def run():
-            if compiled:  # a fresh cache per model (else the recompile limit falls back to eager), and free the last
+            if compiled and timed:  # a fresh cache per model (else the recompile limit falls back to eager)
                 torch._dynamo.reset()
                 free_memory(dev)
             if dev.type == "cuda":
@@ -469,7 +497,8 @@ class Bench:
             opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
             fwd = torch.compile(model) if compiled else model
             aux_loss = torch.compile(model.aux_loss) if compiled else model.aux_loss  # as train.py does
-            batches = [torch.randint(0, cfg.vocab_size, (2, B, T), device=dev) for _ in range(a.n_inputs)]
+            gen = torch.Generator().manual_seed(0)  # CPU draws, see randn()
+            batches = [torch.randint(0, cfg.vocab_size, (2, B, T), generator=gen).to(dev) for _ in range(a.n_inputs)]
             nxt, it = cycle(batches), itertools.count()
 
             def train_step():  # train.py's step, without grad accumulation and data loading
@@ -488,19 +517,60 @@ class Bench:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["first_step_s"] = time.perf_counter() - t0
-            row["ms"] = time_ms(train_step, a.step_warmup, a.step_reps, dev)
             fpt = model.flops_per_token(T)
-            row["tokens_per_s"] = B * T / (row["ms"] * 1e-3)
-            row["tflops"] = fpt * row["tokens_per_s"] / 1e12
-            row["mfu"] = fpt * row["tokens_per_s"] / a.peak_flops if a.peak_flops else None
             row["params"].update(n_params=model.num_params(), flops_per_token=fpt)
             if dev.type == "cuda":
                 row["mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-                if a.profile:  # after the timing: the profiler's own overhead must not be in it
-                    row["profile"] = profile_kernels(train_step, a.profile)
-            row["status"] = "ok"
+            if not timed:
+                built["train_step"] = train_step
+                return
+            self.finish_step(row, time_ms(train_step, a.step_warmup, a.step_reps, dev), train_step)
 
         self.guarded(rows, run)
+        return row, built.get("train_step")
+
+    def finish_step(self, row, ms, train_step):
+        a = self.args
+        B, T = row["params"]["B"], row["params"]["T"]
+        row["ms"] = ms
+        row["tokens_per_s"] = B * T / (ms * 1e-3)
+        row["tflops"] = row["params"]["flops_per_token"] * row["tokens_per_s"] / 1e12
+        row["mfu"] = row["tflops"] * 1e12 / a.peak_flops if a.peak_flops else None
+        if a.profile and self.device.type == "cuda":  # after the timing: the profiler's overhead is not in it
+            row["profile"] = profile_kernels(train_step, a.profile)
+        row["status"] = "ok"
+
+    def interleaved_steps(self, names, cfg, B, T, compiled):
+        """--interleave N: build every variant's step first, then time them in N rounds, each round
+        every variant for step_reps/N steps (rotated order), so slow drifts of the machine (clocks,
+        heat, neighbours) hit all variants alike. Ratios to sdpa are then taken per round and the
+        median reported with their range: a ~1% difference needs that pairing to be seen at all."""
+        a, dev = self.args, self.device
+        if compiled:  # every model stays compiled at once: one dynamo cache entry each
+            torch._dynamo.reset()
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(names) + 4)
+        built = [(row, fn) for row, fn in (self.step(n, cfg, B, T, compiled, timed=False) for n in names) if fn]
+        per_round = max(2, a.step_reps // a.interleave)
+        for r in range(a.interleave):
+            k = r % len(built)
+            for row, fn in built[k:] + built[:k]:
+                try:
+                    row.setdefault("rounds_ms", []).append(time_ms(fn, 2, per_round, dev))
+                except Exception as e:  # noqa: BLE001 - one variant must not end the run
+                    row["status"] = f"error: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        base = next((row for row, _ in built if row["variant"] == "sdpa" and row["status"] == "pending"), None)
+        for row, fn in built:
+            if row["status"] != "pending":
+                continue
+            self.finish_step(row, statistics.median(row["rounds_ms"]), fn)
+            if base is not None:
+                paired = [m / b for m, b in zip(row["rounds_ms"], base["rounds_ms"])]
+                row["ratio_paired"] = statistics.median(paired)
+                row["ratio_range"] = [min(paired), max(paired)]
+        self.save()
+        del built
+        torch._dynamo.reset()
+        free_memory(dev)
 
     def add_ratios(self):
         base = {(r["group"], r["kind"], r["passes"]): r["ms"] for r in self.rows
@@ -519,6 +589,9 @@ def section_attn(bench, names, cfg, B, T):
 
 def section_step(bench, names, cfg, B, T):
     for compiled in ([False, True] if bench.args.compile else [False]):
+        if bench.args.interleave:
+            bench.interleaved_steps(names, cfg, B, T, compiled)
+            continue
         for name in names:
             bench.step(name, cfg, B, T, compiled)
     torch._dynamo.reset()  # its caches hold the last compiled model
@@ -615,6 +688,11 @@ def section_table(rows):
         lines = [[r["variant"], r["passes"], fmt(r["ms"], ".2f"), fmt(r.get("tokens_per_s"), ",.0f"),
                   fmt_flops(r["tflops"]), fmt(r.get("mfu"), ".1%"), fmt(r["ratio"], ".3f"),
                   fmt(r["mem_mib"], ",.0f"), fmt(r.get("first_step_s"), ".1f"), status(r)] for r in rows]
+        if any("ratio_paired" in r for r in rows):  # --interleave
+            header.insert(7, "x sdpa paired [range]")
+            for line, r in zip(lines, rows):
+                rng = r.get("ratio_range")
+                line.insert(7, f"{r['ratio_paired']:.3f} [{rng[0]:.3f}, {rng[1]:.3f}]" if "ratio_paired" in r else "")
     else:
         header = ["kind", "variant", "setting", "pass", "ms", "TFLOP/s", "x sdpa", "mem MiB", "timing", "status"]
         lines = [[r["kind"], r["variant"], r["setting"], r["passes"], fmt(r["ms"], ".3f"), fmt_flops(r["tflops"]),
@@ -733,6 +811,9 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: smoke run with tiny defaults)")
     p.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="step: also time torch.compile(model)")
+    p.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="step: build all variants, then time them in N alternating rounds; reports the median "
+                        "of the per-round ratios to sdpa and their range")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="step: also run N steps under torch.profiler and print where the GPU time goes")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",

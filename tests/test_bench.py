@@ -106,3 +106,15 @@ def test_kernel_categories_and_profile_table():
     assert cells[2:5] == ["+0.50", "+0.30", "+0.20"]
     assert "top kernels per step" in table and "ra_x (compile)" in table
     assert bench.profile_table([dict(variant="sdpa", passes="eager", ms=1.0)]) == ""
+
+
+def test_interleaved_step_timing_pairs_rounds(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--what", "step", "--variants", "ra_same_flop", "--interleave", "3",
+                       "--step-reps", "6", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    sdpa, ra = rows["sdpa"], rows["ra_same_flop"]
+    assert len(sdpa["rounds_ms"]) == len(ra["rounds_ms"]) == 3
+    paired = sorted(m / b for m, b in zip(ra["rounds_ms"], sdpa["rounds_ms"]))
+    assert ra["ratio_paired"] == pytest.approx(paired[1]) and ra["ratio_range"] == pytest.approx([paired[0], paired[2]])
+    assert sdpa["ratio_paired"] == 1.0 and ra["status"] == "ok" and ra["ms"] == pytest.approx(sorted(ra["rounds_ms"])[1])
