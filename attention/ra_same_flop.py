@@ -28,7 +28,7 @@ ra_quant=int8 fake-quantizes the R reciprocal columns of Qf and Kf (per-row absm
 straight-through gradient), as a low-precision kernel would store them.
 
 This class is also the base of ra_headsel (per-head routing: rec_on) and
-ra_tokensel (per-token query gate: gate_queries).
+ra_tokensel (per-token query gate: gate_qkv).
 """
 
 import math
@@ -94,19 +94,24 @@ class SameFlopRA(nn.Module):
         """(nh,) bool on the device, or None: which heads use the reciprocal channel (all here)."""
         return None
 
-    def gate_queries(self, x, q):
-        """Hook for per-token gating of the query-side reciprocal columns (ra_tokensel)."""
-        return q
+    def gate_qkv(self, x, qkv):
+        """Hook on the projection output [Qf | Kf | V] (B, T, 3C), before the heads are split
+        (ra_tokensel gates its reciprocal query columns here). Gating the one buffer keeps q, k
+        and v views of it with equal strides, as sdpa's are: on an H100 (torch 2.11), cuDNN's
+        SDPA backward given a q laid out unlike k and v stalled the GPU about 0.8 ms per layer."""
+        return qkv
 
     def qkv(self, x):
         """Block input (B, T, C) -> Qf, Kf, V, each (B, nh, T, hs)."""
         rec_on = self.rec_on()
         if self.fused:
             w, b = fold_same_flop_qkv(self.c_attn.weight, self.c_attn.bias, self.W, self.s_std, self.s_rec, rec_on)
-            q, k, v = split_heads(F.linear(x, w, b), self.n_head)  # already Qf, Kf, V, each (B, nh, T, hs)
+            qkv = F.linear(x, w, b)  # (B, T, 3C): already [Qf | Kf | V]
         else:
             q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
             q, k = same_flop_qk(q, k, self.W, self.s_std, self.s_rec, rec_on)
+            qkv = torch.cat([merge_heads(q), merge_heads(k), merge_heads(v)], dim=-1)  # the reference: copies are fine
+        q, k, v = split_heads(self.gate_qkv(x, qkv), self.n_head)  # each (B, nh, T, hs)
         q = quantize_rec(q, self.R, self.quant, rec_on)
         k = quantize_rec(k, self.R, self.quant, rec_on)
         return q, k, v
@@ -114,7 +119,6 @@ class SameFlopRA(nn.Module):
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
         q, k, v = self.qkv(x)
-        q = self.gate_queries(x, q)
         dropout_p = self.dropout if self.training else 0.0
         return sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # scale 1/sqrt(hs)
 

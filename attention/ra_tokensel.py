@@ -21,8 +21,9 @@ Scorer init: u ~ N(0, 0.02), c = 0, so about half of the tokens start selected a
 penalty pulls the fraction to the target.
 
 Cost: the scorer is a (C -> 1) dot product per token, written as multiply-and-sum so
-torch.compile makes it one row reduction; the gate multiplies only the R reciprocal
-columns of Qf (the rest is copied through in the same fused kernel). One SDPA call.
+torch.compile makes it one row reduction; the gate multiplies the R reciprocal columns
+of Qf in the projection's output buffer [Qf | Kf | V] (one pointwise pass over it, so q,
+k and v keep sdpa's layout; SameFlopRA.gate_qkv says why). One SDPA call.
 metrics(): tok_frac, the selected fraction of the last forward.
 """
 
@@ -52,9 +53,9 @@ class TokenSelRA(SameFlopRA):
             nn.init.normal_(self.scorer.weight, mean=0.0, std=0.02)
             nn.init.zeros_(self.scorer.bias)
 
-    def gate_queries(self, x, q):
-        B, T, C = x.shape
-        Ds = q.size(-1) - self.R
+    def gate_qkv(self, x, qkv):
+        B, T, C3 = qkv.shape
+        D = C3 // 3 // self.n_head
         # the (C -> 1) scorer as a multiply-and-sum rather than a GEMM: compiled, it is one fused
         # row reduction over x (a 1-column GEMM would be its own cuBLAS call, forward and backward)
         logit = (x * self.scorer.weight[0]).sum(-1) + self.scorer.bias  # (B, T): token i's own state only
@@ -62,12 +63,11 @@ class TokenSelRA(SameFlopRA):
         m = (g > 0.5).to(g.dtype)
         m = m + g - g.detach()  # forward: the hard 0/1 selection; backward: straight-through to g
         self._sel = m.mean()
-        # only the R reciprocal columns of Qf are scaled; the standard ones pass through. Built in
-        # the projection's (B, T, nh, hs) layout, so SDPA's grad for it arrives in that layout too
-        # and merges into the QKV-projection grad without a transposed (uncoalesced) pass
-        q = q.transpose(1, 2)  # (B, T, nh, hs)
-        q_rec = q[..., Ds:] * m.view(B, T, 1, 1).to(q.dtype)  # (B, T, nh, R)
-        return torch.cat([q[..., :Ds], q_rec], dim=-1).transpose(1, 2)  # (B, nh, T, hs)
+        # gate the R reciprocal columns of every head's Qf (the first third of [Qf | Kf | V]), pass the
+        # rest through: one pointwise pass over the whole buffer (see SameFlopRA.gate_qkv for why)
+        col = torch.arange(C3, device=qkv.device)
+        rec_q = (col < C3 // 3) & (col % D >= D - self.R)  # (3C,)
+        return qkv * torch.where(rec_q, m.unsqueeze(-1).to(qkv.dtype), torch.ones((), dtype=qkv.dtype, device=qkv.device))
 
     def aux_loss(self):
         if self._sel is None:
