@@ -382,9 +382,11 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         row["ms"] = time_ms(fn, warmup, reps if not graphs else 3, dev)  # eager: also the memory figure
         row["timing"] = "cuda events" if dev.type == "cuda" else "wall clock"
+        if graphs and self.capture_failed:
+            row["timing"] += f" (no graphs after the failed capture of {self.capture_failed})"
         if dev.type == "cuda":
             row["mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        if graphs:
+        if graphs and not self.capture_failed:  # after a failed capture: eager for the rest of the run
             try:
                 row["ms"] = time_graph_ms(fn, self.args.n_inputs, warmup, reps)
                 row["timing"] = "cuda graph"
@@ -400,9 +402,10 @@ class Bench:
 
     # -- attention module / function at one shape ----------------------------
 
-    def time_passes(self, rows, call, inputs, extra, flops_fwd, flops_fwd_bwd):
+    def time_passes(self, rows, call, inputs, extra, flops_fwd, flops_fwd_bwd, aux_loss=None):
         """rows[0]: y = call(*args) (autograd on, as in training); rows[1]: plus the gradients of y
-        w.r.t. args and `extra` (autograd.grad: nothing accumulates). inputs: (args, dy), rotated."""
+        (and of aux_loss(), the module's regularizer, as training adds it) w.r.t. args and `extra`
+        (autograd.grad: nothing accumulates). inputs: (args, dy), rotated."""
         nxt = cycle(inputs)
 
         def fwd():
@@ -414,7 +417,12 @@ class Bench:
             with self.autocast():
                 y = call(*args)
             y = y[0] if isinstance(y, tuple) else y
-            return torch.autograd.grad(y, list(args) + extra, dy.to(y.dtype), allow_unused=True)
+            outs, grads = [y], [dy.to(y.dtype)]
+            if aux_loss is not None:
+                aux = aux_loss()
+                if aux.requires_grad:
+                    outs, grads = outs + [aux], grads + [torch.ones_like(aux)]
+            return torch.autograd.grad(outs, list(args) + extra, grads, allow_unused=True)
 
         graphs = self.device.type == "cuda" and self.args.graphs
         self.measure(rows[0], fwd, self.args.warmup, self.args.reps, flops_fwd, graphs)
@@ -425,7 +433,7 @@ class Bench:
         dev, C = self.device, cfg.n_embd
 
         def run():
-            with dev:  # parameters made on the device
+            with (dev if not self.capture_failed else contextlib.nullcontext()):  # see randn()
                 mod = build_attention(name, cfg).to(dev).train()
             if prepare:
                 prepare(mod)
@@ -437,7 +445,7 @@ class Bench:
             for r in rows:
                 r["params"]["attn_flop_mult"] = mult
             params = [p for p in mod.parameters() if p.requires_grad]
-            self.time_passes(rows, mod, inputs, params, attn + lin, 3.5 * attn + 3 * lin)
+            self.time_passes(rows, mod, inputs, params, attn + lin, 3.5 * attn + 3 * lin, getattr(mod, "aux_loss", None))
 
         self.guarded(rows, run)
 
@@ -492,7 +500,7 @@ class Bench:
                 free_memory(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            with dev:  # init on the device: seconds faster for GPT-2 size
+            with (dev if not self.capture_failed else contextlib.nullcontext()):  # on the device: faster; see randn()
                 model = build_model(name, cfg).to(dev).train()
             opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
             fwd = torch.compile(model) if compiled else model
@@ -588,7 +596,7 @@ def section_attn(bench, names, cfg, B, T):
 
 
 def section_step(bench, names, cfg, B, T):
-    for compiled in ([False, True] if bench.args.compile else [False]):
+    for compiled in [m for m in ([False, True] if bench.args.compile else [False]) if m or bench.args.eager]:
         if bench.args.interleave:
             bench.interleaved_steps(names, cfg, B, T, compiled)
             continue
@@ -816,6 +824,7 @@ def parse_args(argv):
                         "of the per-round ratios to sdpa and their range")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="step: also run N steps under torch.profiler and print where the GPU time goes")
+    p.add_argument("--no-eager", dest="eager", action="store_false", help="step: only the compiled rows (with --compile)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="attn/sweeps: time eager calls with CUDA events instead of CUDA-graph replays")
     p.add_argument("--out", help="write the JSON here (rewritten after every section)")

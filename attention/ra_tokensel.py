@@ -17,6 +17,8 @@ the reciprocal term, sum_cols dL/dQf_i[rec] * Qf_i[rec], trains the scorer.
 Target fraction: aux_loss = ra_token_penalty * (mean(m_st) - ra_token_frac)^2 with
 m_st = m + g - g.detach(): its value is the true selected fraction (a soft mean(g)
 could sit at the target with no token above 0.5), its gradient moves every g.
+aux_loss() uses up the last forward's selection (call it once per forward, as GPT.aux_loss
+does): a second call returns the same value without a gradient.
 Scorer init: u ~ N(0, 0.02), c = 0, so about half of the tokens start selected and the
 penalty pulls the fraction to the target.
 
@@ -72,7 +74,11 @@ class TokenSelRA(SameFlopRA):
     def aux_loss(self):
         if self._sel is None:
             return torch.zeros((), device=self.s_rec.device)
-        return self.token_penalty * (self._sel - self.token_frac) ** 2
+        sel, self._sel = self._sel, self._sel.detach()
+        # the loss takes the graph of the last forward's selection; the module keeps only its value (for
+        # metrics), else that graph, and the gradient nodes of the scorer's weights with it, would live
+        # on into the next step (which breaks CUDA-graph capture: the nodes belong to the old stream)
+        return self.token_penalty * (sel - self.token_frac) ** 2
 
     def metrics(self):
         out = super().metrics()
