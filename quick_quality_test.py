@@ -504,7 +504,10 @@ def main(cli_argv=None):
         "init_identical_to_sdpa": {v: {"equal": a, "shared": n} for v, (a, n) in init.items()},
         "notes": [f"timings are from this device ({device}); compare ms/step only within one device", init_note]
         + (["sanity rung: a tiny model on a synthetic task; its verdicts exercise the decision tree, the short and "
-            "full rungs decide it"] if args.rung == "sanity" else []),
+            "full rungs decide it"] if args.rung == "sanity" else [])
+        + (["ms/step are eager (no --compile): eagerly the RA folds and gates are many small kernels, so the "
+            "wall-clock comparisons overstate their cost; rerun with --compile for wall-clock verdicts"]
+           if device.startswith("cuda") and not tc0.compile else []),
     }
     results, md = ladder_report.write_report(runs, out_dir, order=attention.names(), meta=report_meta,
                                              title=f"Quality ladder {ladder_id} ({args.rung})",
