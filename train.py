@@ -487,6 +487,9 @@ def main(argv=None):
         if wb is not None:
             wb.finish()
     if ddp:
+        # all ranks reach the teardown together: a gloo rank that tears down while its peer is still
+        # writing the summary can abort at exit ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return 0 if status != "non-finite loss" else 1
 

@@ -118,3 +118,13 @@ def test_interleaved_step_timing_pairs_rounds(tmp_path):
     paired = sorted(m / b for m, b in zip(ra["rounds_ms"], sdpa["rounds_ms"]))
     assert ra["ratio_paired"] == pytest.approx(paired[1]) and ra["ratio_range"] == pytest.approx([paired[0], paired[2]])
     assert sdpa["ratio_paired"] == 1.0 and ra["status"] == "ok" and ra["ms"] == pytest.approx(sorted(ra["rounds_ms"])[1])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_attention_rows_are_cuda_graph_replays(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--what", "attn", "--variants", "ra_same_flop,ra_tokensel", "--T", "256", "--reps", "5",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        assert r["status"] == "ok" and r["timing"] == "cuda graph", r

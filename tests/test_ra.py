@@ -616,3 +616,16 @@ def test_flop_mult_and_reset_parameters():
             torch.testing.assert_close(attn.w_rec, torch.full((4,), 0.3))
         if name == "ra_tokensel":
             assert attn.scorer.bias.item() == 0.0
+
+
+def test_tokensel_aux_loss_releases_the_forward_graph():
+    # the module must not keep its last forward's autograd graph alive into the next step (it held the
+    # scorer's gradient nodes, which broke CUDA-graph capture); metrics keep the value
+    mod = build64("ra_tokensel")
+    x = rand(2, 33, 96, seed=5).requires_grad_()
+    mod(x)
+    assert mod._sel.grad_fn is not None
+    aux = mod.aux_loss()
+    assert aux.requires_grad and mod._sel.grad_fn is None
+    torch.testing.assert_close(mod.metrics()["tok_frac"], mod._sel)
+    assert not mod.aux_loss().requires_grad  # used up until the next forward
