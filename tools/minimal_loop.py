@@ -12,6 +12,8 @@ import statistics, sys, time
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for model.py
+if not torch.cuda.is_available():
+    sys.exit("tools/minimal_loop.py times GPT-2 124M training steps on a CUDA GPU; none is visible here")
 torch.backends.cuda.matmul.allow_tf32 = True
 
 class Block(nn.Module):
