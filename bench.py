@@ -289,10 +289,13 @@ def profile_kernels(fn, steps):
     return dict(categories=cats, top=kernels[:12], total_ms=sum(cats.values()))
 
 
-def randn(*shape, device, dtype, requires_grad=False, gen=torch.Generator().manual_seed(0)):
+INPUT_GEN = torch.Generator().manual_seed(0)  # CPU generator for every benchmark input
+
+
+def randn(*shape, device, dtype, requires_grad=False):
     """Random inputs drawn on the CPU and copied over: the CUDA RNG is left alone, since a CUDA-graph
     capture that fails (see time_graph_ms) leaves it unusable for the rest of the process."""
-    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return torch.randn(*shape, generator=INPUT_GEN).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
 def cycle(items):
@@ -388,7 +391,7 @@ class Bench:
             row["mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         if graphs and not self.capture_failed:  # after a failed capture: eager for the rest of the run
             try:
-                row["ms"] = time_graph_ms(fn, self.args.n_inputs, warmup, reps)
+                row["ms"] = time_graph_ms(fn, self.args.n_inputs, 2, reps)  # warmed up by the eager pass
                 row["timing"] = "cuda graph"
             except Exception as e:  # not capturable: keep an eager timing, marked as such
                 why = "host sync" if isinstance(e, HostSync) else "graph capture failed"

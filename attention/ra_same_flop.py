@@ -97,8 +97,9 @@ class SameFlopRA(nn.Module):
     def gate_qkv(self, x, qkv):
         """Hook on the projection output [Qf | Kf | V] (B, T, 3C), before the heads are split
         (ra_tokensel gates its reciprocal query columns here). Gating the one buffer keeps q, k
-        and v views of it with equal strides, as sdpa's are: on an H100 (torch 2.11), cuDNN's
-        SDPA backward given a q laid out unlike k and v stalled the GPU about 0.8 ms per layer."""
+        and v views of it with equal strides, as sdpa's are. (The earlier gate built a separate q;
+        that version's compiled step left the GPU idle 9.4 ms per step on an H100, cause not
+        isolated: docs/bench.md.)"""
         return qkv
 
     def qkv(self, x):
