@@ -423,7 +423,7 @@ if HAS_TRITON:
         _ctr_fwd_kernel)
     _bwd_tuned = triton.autotune(
         _BWD_CONFIGS, key=["T", "D", "BH", "ATOMIC", "NEED_DB"], prune_configs_by={"early_config_prune": _pruner(_BWD_BY_D)},
-        reset_to_zero=["DQ", "DK"])(
+        reset_to_zero=["DQ", "DK", "DAB"])(
         triton.heuristics({"EVEN": lambda args: args["T"] % args["BLOCK_N"] == 0})(_ctr_bwd_kernel))
 
 
@@ -488,7 +488,10 @@ def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, bwd="fused", need_db=True,
     else:
         g = torch.empty((3, B, H, T, D), device=dev, dtype=q.dtype)
         dq_buf, dk_buf, dv = g[0], g[1], g[2]
-    # one (da, db) slot per program: every slot is written once the block size is known
+    # one (da, db) slot per program: every slot is written once the block size is known. While
+    # autotuning, configs with smaller BLOCK_N fill more slots than the winner does: the autotuner
+    # zeroes DAB (reset_to_zero) before every trial and before the final run, else their stale
+    # partial sums would be added into da, db (they were, until 2026-11-25: a GPU test caught it)
     nj = triton.cdiv(T, 16) if config is None else triton.cdiv(T, config["BLOCK_N"])
     dab = (torch.zeros if config is None else torch.empty)((B * H, nj, 2), device=dev, dtype=torch.float32)
     args = (q, k, v, do, lse, delta, dq_buf, dk_buf, dv, dab, a32, b32, scale, T, H, B * H, nj,
