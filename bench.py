@@ -516,7 +516,7 @@ class Bench:
                 x, y = nxt()
                 model.set_step(next(it))
                 with self.autocast():
-                    _, loss = fwd(x, y)
+                    _, loss = fwd(x, y, return_logits=False)  # as train.py
                     aux = aux_loss()
                 (loss + aux).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -371,7 +371,7 @@ def main(argv=None):
         for x, y in val.val_batches(tc.eval_batches):
             x, y = x.to(device), y.to(device)
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             total += loss.float()
             n += 1
         stats = torch.tensor([total.item(), float(n)], device=device)
@@ -410,7 +410,7 @@ def main(argv=None):
             sync = (micro == tc.grad_accum - 1)  # DDP all-reduces only on the last micro-step
             with (model.no_sync() if (ddp and not sync) else nullcontext()):
                 with autocast:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, return_logits=False)
                     aux = aux_loss()
                 loader_state = loader.state_dict()
                 x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())  # prefetch while GPU works

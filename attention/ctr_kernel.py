@@ -482,12 +482,10 @@ def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, bwd="fused", need_db=True,
     _ctr_bwd_pre_kernel[(triton.cdiv(T, pre_bm), B * H)](o, do, delta, T, H, do.stride(0), do.stride(1), do.stride(2),
                                                          D=D, BLOCK_M=pre_bm)
     if atomic:
-        dqk = torch.zeros((2, B, H, T, D), device=dev, dtype=torch.float32)
-        dq_buf, dk_buf = dqk[0], dqk[1]
+        dq_buf, dk_buf = (torch.zeros((B, H, T, D), device=dev, dtype=torch.float32) for _ in range(2))
         dv = torch.empty((B, H, T, D), device=dev, dtype=q.dtype)
-    else:
-        g = torch.empty((3, B, H, T, D), device=dev, dtype=q.dtype)
-        dq_buf, dk_buf, dv = g[0], g[1], g[2]
+    else:  # separate tensors: the custom op's outputs must not share storage
+        dq_buf, dk_buf, dv = (torch.empty((B, H, T, D), device=dev, dtype=q.dtype) for _ in range(3))
     # one (da, db) slot per program: every slot is written once the block size is known. While
     # autotuning, configs with smaller BLOCK_N fill more slots than the winner does: the autotuner
     # zeroes DAB (reset_to_zero) before every trial and before the final run, else their stale
@@ -502,7 +500,8 @@ def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, bwd="fused", need_db=True,
         LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, ATOMIC=atomic, NEED_DB=need_db)
         _CHOSEN[key] = _as_config(_bwd_tuned.best_config)
         if atomic:  # the tuning runs added into the accumulators: redo on clean ones
-            dqk.zero_()
+            dq_buf.zero_()
+            dk_buf.zero_()
             dab.zero_()
             LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, ATOMIC=atomic, NEED_DB=need_db)
     else:
@@ -512,12 +511,11 @@ def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, bwd="fused", need_db=True,
                                                     NEED_DB=need_db, EVEN=(T % c["BLOCK_N"] == 0),
                                                     num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
     if atomic:
-        dqk = dqk.to(q.dtype)
-        dq, dk = dqk[0], dqk[1]
+        dq, dk = dq_buf.to(q.dtype), dk_buf.to(q.dtype)
     else:
         dq, dk = dq_buf, dk_buf
-    dab = dab.view(B, H, nj, 2).sum(dim=(0, 2))  # (H, 2)
-    return dq, dk, dv, dab[:, 0], dab[:, 1]
+    da, db = dab.view(B, H, nj, 2).sum(dim=(0, 2)).unbind(1)  # (H,) each
+    return dq, dk, dv, da.contiguous(), db.contiguous()
 
 
 def _f32_vec(x):
@@ -558,13 +556,60 @@ def _ctr_attention_impl(q, k, v, a, b, scale=None, bwd=None, db_at_zero=True, fw
     if bwd not in BWD_SCHEMES:
         raise ValueError(f"bwd={bwd!r}: use one of {BWD_SCHEMES}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if fwd_config is None and bwd_config is None and _ctr_op is not None:
+        return _ctr_op(q, k, v, a, b, scale, bwd, db_at_zero)[0]
     return CTRAttention.apply(q, k, v, a, b, scale, bwd, db_at_zero, fwd_config, bwd_config)
 
 
-try:  # keep torch.compile from tracing into the Triton launches (a graph break instead)
-    ctr_attention = torch.compiler.disable(_ctr_attention_impl)
-except AttributeError:  # pragma: no cover - old torch
-    ctr_attention = _ctr_attention_impl
+# The default path is a torch.library custom op: torch.compile treats it as one opaque node (no
+# graph break; the Triton launches are not traced) and AOTAutograd calls its backward op. A graph
+# break here used to make Dynamo skip GPT.forward's code object, so in a process that compiled
+# several models (bench.py --interleave) the *other* models' loss ran eagerly too. Explicit block
+# configs (tests, tuning) go through the autograd.Function above, which the op shares its launches with.
+if HAS_TRITON and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("ra::ctr_attention", mutates_args=())
+    def _ctr_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float, bwd: str, db_at_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        return _launch_fwd(q, k, v, _f32_vec(a), _f32_vec(b), scale)  # o (B, H, T, D), lse (B*H, T)
+
+    @_ctr_op.register_fake
+    def _(q, k, v, a, b, scale, bwd, db_at_zero):
+        B, H, T, D = q.shape
+        return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
+
+    @torch.library.custom_op("ra::ctr_attention_bwd", mutates_args=())
+    def _ctr_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, bwd: str,
+                    need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        return _launch_bwd(_last_contig(do), q, k, v, o, lse, _f32_vec(a), _f32_vec(b), scale, bwd, need_db)
+
+    @_ctr_bwd_op.register_fake
+    def _(do, q, k, v, o, lse, a, b, scale, bwd, need_db):
+        B, H, T, D = q.shape
+        grads = [q.new_empty((B, H, T, D)) for _ in range(3)]
+        return (*grads, q.new_empty((H,), dtype=torch.float32), q.new_empty((H,), dtype=torch.float32))
+
+    def _ctr_op_setup(ctx, inputs, output):
+        q, k, v, a, b, scale, bwd, db_at_zero = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, a, b, o, lse)
+        ctx.scale, ctx.bwd, ctx.db_at_zero = scale, bwd, db_at_zero
+
+    def _ctr_op_backward(ctx, do, dlse):
+        q, k, v, a, b, o, lse = ctx.saved_tensors
+        need_db = bool(ctx.needs_input_grad[4] and ctx.db_at_zero)
+        dq, dk, dv, da, db = _ctr_bwd_op(do, q, k, v, o, lse, a, b, ctx.scale, ctx.bwd, need_db)
+        da = da.reshape(a.shape).to(a.dtype) if ctx.needs_input_grad[3] else None
+        db = db.reshape(b.shape).to(b.dtype) if ctx.needs_input_grad[4] else None
+        return dq, dk, dv, da, db, None, None, None
+
+    _ctr_op.register_autograd(_ctr_op_backward, setup_context=_ctr_op_setup)
+else:  # pragma: no cover - no triton, or torch < 2.4
+    _ctr_op = None
+
+ctr_attention = _ctr_attention_impl
 ctr_attention.__doc__ = """Exact reciprocal attention with the CTR Triton kernels.
 
 q, k, v: (B, H, T, D), fp16/bf16 (fp32 accepted); a, b: (H,) per-head weights (gradients flow to

@@ -120,6 +120,20 @@ def _interp_main():
     print("case a=0 / |b|>|a|: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (f"  FAIL {bad}" if bad else "  ok"))
     if bad:
         failures.append("swap")
+    # the default path (no explicit configs) is the torch.library custom op: eager, and under
+    # torch.compile(fullgraph=True), i.e. without a graph break
+    assert ck._ctr_op is not None
+    fn = lambda q, k, v, a, b: ck.ctr_attention(q, k, v, a, b)  # noqa: E731
+    errs = compare(fn, 1, 3, 45, 32, torch.float32, b_vals=[0.4, 0.0, -0.6], seed=9)
+    q, k, v, a, b, do = _inputs(1, 3, 45, 32, torch.float32, b_vals=[0.4, 0.0, -0.6], seed=9)
+    got = _grads(torch.compile(fn, fullgraph=True), q, k, v, a, b, do)
+    want = _grads(ref_ra, q, k, v, a, b, do)
+    errs.update({f"compiled_{n}": _rel(g, w) for n, g, w in zip(NAMES, got, want)})
+    bad = {n: e for n, e in errs.items() if not e < 2e-4}
+    print("case custom op, eager + compiled: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
+          + (f"  FAIL {bad}" if bad else "  ok"))
+    if bad:
+        failures.append("custom_op")
     print("INTERP_FAILURES", failures)
     return 1 if failures else 0
 

@@ -28,6 +28,9 @@ def test_forward_shapes_and_initial_loss():
     assert abs(loss.item() - math.log(128)) < 0.3
     logits, loss = model(idx)
     assert loss is None
+    # training asks for the loss only (train.py, bench.py): same loss, no logits
+    no_logits, loss2 = model(idx, targets, return_logits=False)
+    assert no_logits is None and torch.equal(loss2, model(idx, targets)[1])
 
 
 def test_tied_embeddings_and_scaled_init():

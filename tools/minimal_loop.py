@@ -73,4 +73,4 @@ from model import GPT, GPTConfig
 print("| loop | ms/step | tokens/s | compile |\n|---|---|---|---|")
 run("minimal nanoGPT-style, no clip", Mini().cuda(), False, lambda m, x, y: m(x, y))
 run("minimal nanoGPT-style, clip 1.0", Mini().cuda(), True, lambda m, x, y: m(x, y))
-run("ours (model.GPT sdpa), clip 1.0", GPT(GPTConfig()).cuda(), True, lambda m, x, y: m(x, y)[1])
+run("ours (model.GPT sdpa), clip 1.0", GPT(GPTConfig()).cuda(), True, lambda m, x, y: m(x, y, return_logits=False)[1])
