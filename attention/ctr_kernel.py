@@ -41,7 +41,9 @@ da, db: per-program partial sums into a buffer, reduced in torch (deterministic)
 Measured (H100, torch 2.11, Triton 3.6, bf16, B=8 H=12, fwd+bwd, CUDA-graph replays so the host
 overhead is out; tests/gpu_check_ctr.py): vs cuDNN SDPA (is_causal) 1.75x at T=1024 D=64, 2.00x at
 T=2048, 2.09x at T=4096, 3.3x at D=128 (the backward spills registers there); 25% RA heads 1.49x.
-"atomic" was slower than "fused" everywhere (scalar fp32 red.global per element, register spills).
+"atomic" was slower than "fused" everywhere (scalar fp32 red.global per element, register spills);
+a version of it with TMA bulk tile reductions (FlashAttention-3's way of adding dQ) was slower
+still (docs/bench.md, "Tried and dropped").
 Eager (do_bench, host included) the host side of one call costs ~0.65 ms on that VM vs ~0.22 ms for
 SDPA, so small shapes are host-bound unless captured in a CUDA graph.
 
