@@ -527,30 +527,69 @@ def _f32_vec(x):
     return x
 
 
-class CTRAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, a, b, scale, bwd, db_at_zero, fwd_config, bwd_config):
-        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-        a32, b32 = _f32_vec(a), _f32_vec(b)
-        o, lse = _launch_fwd(q, k, v, a32, b32, scale, fwd_config)
-        ctx.save_for_backward(q, k, v, o, lse, a32, b32)
-        ctx.scale, ctx.bwd, ctx.db_at_zero, ctx.bwd_config = scale, bwd, db_at_zero, bwd_config
-        ctx.ab_meta = (a.shape, a.dtype, b.shape, b.dtype)
-        return o
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, a32, b32 = ctx.saved_tensors
+
+def _config_to_list(c):
+    """A block-config dict -> [BLOCK_M, BLOCK_N, num_warps, num_stages] (the op's schema has no
+    dicts); None -> [] (autotune)."""
+    return [] if c is None else [c["BLOCK_M"], c["BLOCK_N"], c.get("num_warps", 4), c.get("num_stages", 2)]
+
+
+def _config_from_list(c):
+    return dict(zip(_CONFIG_KEYS, c)) if c else None
+
+
+# ctr_attention is a torch.library custom op: torch.compile treats it as one opaque node (no graph
+# break; the Triton launches are not traced) and AOTAutograd calls its backward op. A graph break here
+# used to make Dynamo skip GPT.forward's code object, so in a process that compiled several models
+# (bench.py --interleave) the *other* models' loss ran eagerly too.
+if HAS_TRITON:
+    @torch.library.custom_op("ra::ctr_attention", mutates_args=())
+    def _ctr_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float, bwd: str, db_at_zero: bool, fwd_cfg: list[int],
+                bwd_cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        # o (B, H, T, D), lse (B*H, T)
+        return _launch_fwd(q, k, v, _f32_vec(a), _f32_vec(b), scale, _config_from_list(fwd_cfg))
+
+    @_ctr_op.register_fake
+    def _(q, k, v, a, b, scale, bwd, db_at_zero, fwd_cfg, bwd_cfg):
+        B, H, T, D = q.shape
+        return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
+
+    @torch.library.custom_op("ra::ctr_attention_bwd", mutates_args=())
+    def _ctr_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, bwd: str, need_db: bool,
+                    bwd_cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        return _launch_bwd(_last_contig(do), q, k, v, o, lse, _f32_vec(a), _f32_vec(b), scale, bwd, need_db,
+                           _config_from_list(bwd_cfg))
+
+    @_ctr_bwd_op.register_fake
+    def _(do, q, k, v, o, lse, a, b, scale, bwd, need_db, bwd_cfg):
+        B, H, T, D = q.shape
+        grads = [q.new_empty((B, H, T, D)) for _ in range(3)]
+        return (*grads, q.new_empty((H,), dtype=torch.float32), q.new_empty((H,), dtype=torch.float32))
+
+    def _ctr_op_setup(ctx, inputs, output):
+        q, k, v, a, b, scale, bwd, db_at_zero, fwd_cfg, bwd_cfg = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, a, b, o, lse)
+        ctx.scale, ctx.bwd, ctx.db_at_zero, ctx.bwd_cfg = scale, bwd, db_at_zero, bwd_cfg
+
+    def _ctr_op_backward(ctx, do, dlse):
+        q, k, v, a, b, o, lse = ctx.saved_tensors
         need_db = bool(ctx.needs_input_grad[4] and ctx.db_at_zero)
-        dq, dk, dv, da, db = _launch_bwd(_last_contig(do), q, k, v, o, lse, a32, b32, ctx.scale, ctx.bwd,
-                                         need_db, ctx.bwd_config)
-        a_shape, a_dtype, b_shape, b_dtype = ctx.ab_meta
-        da = da.reshape(a_shape).to(a_dtype) if ctx.needs_input_grad[3] else None
-        db = db.reshape(b_shape).to(b_dtype) if ctx.needs_input_grad[4] else None
+        dq, dk, dv, da, db = _ctr_bwd_op(do, q, k, v, o, lse, a, b, ctx.scale, ctx.bwd, need_db, ctx.bwd_cfg)
+        da = da.reshape(a.shape).to(a.dtype) if ctx.needs_input_grad[3] else None
+        db = db.reshape(b.shape).to(b.dtype) if ctx.needs_input_grad[4] else None
         return dq, dk, dv, da, db, None, None, None, None, None
 
+    _ctr_op.register_autograd(_ctr_op_backward, setup_context=_ctr_op_setup)
 
-def _ctr_attention_impl(q, k, v, a, b, scale=None, bwd=None, db_at_zero=True, fwd_config=None, bwd_config=None):
+
+def ctr_attention(q, k, v, a, b, scale=None, bwd=None, db_at_zero=True, fwd_config=None, bwd_config=None):
     if not HAS_TRITON:
         raise RuntimeError("ctr_attention needs Triton; use reciprocal_attention_torch instead")
     _check_inputs(q, k, v, a, b)
@@ -558,60 +597,9 @@ def _ctr_attention_impl(q, k, v, a, b, scale=None, bwd=None, db_at_zero=True, fw
     if bwd not in BWD_SCHEMES:
         raise ValueError(f"bwd={bwd!r}: use one of {BWD_SCHEMES}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if fwd_config is None and bwd_config is None and _ctr_op is not None:
-        return _ctr_op(q, k, v, a, b, scale, bwd, db_at_zero)[0]
-    return CTRAttention.apply(q, k, v, a, b, scale, bwd, db_at_zero, fwd_config, bwd_config)
+    return _ctr_op(q, k, v, a, b, scale, bwd, db_at_zero, _config_to_list(fwd_config), _config_to_list(bwd_config))[0]
 
 
-# The default path is a torch.library custom op: torch.compile treats it as one opaque node (no
-# graph break; the Triton launches are not traced) and AOTAutograd calls its backward op. A graph
-# break here used to make Dynamo skip GPT.forward's code object, so in a process that compiled
-# several models (bench.py --interleave) the *other* models' loss ran eagerly too. Explicit block
-# configs (tests, tuning) go through the autograd.Function above, which the op shares its launches with.
-if HAS_TRITON and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("ra::ctr_attention", mutates_args=())
-    def _ctr_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float, bwd: str, db_at_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-        return _launch_fwd(q, k, v, _f32_vec(a), _f32_vec(b), scale)  # o (B, H, T, D), lse (B*H, T)
-
-    @_ctr_op.register_fake
-    def _(q, k, v, a, b, scale, bwd, db_at_zero):
-        B, H, T, D = q.shape
-        return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
-
-    @torch.library.custom_op("ra::ctr_attention_bwd", mutates_args=())
-    def _ctr_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, bwd: str,
-                    need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-        return _launch_bwd(_last_contig(do), q, k, v, o, lse, _f32_vec(a), _f32_vec(b), scale, bwd, need_db)
-
-    @_ctr_bwd_op.register_fake
-    def _(do, q, k, v, o, lse, a, b, scale, bwd, need_db):
-        B, H, T, D = q.shape
-        grads = [q.new_empty((B, H, T, D)) for _ in range(3)]
-        return (*grads, q.new_empty((H,), dtype=torch.float32), q.new_empty((H,), dtype=torch.float32))
-
-    def _ctr_op_setup(ctx, inputs, output):
-        q, k, v, a, b, scale, bwd, db_at_zero = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, a, b, o, lse)
-        ctx.scale, ctx.bwd, ctx.db_at_zero = scale, bwd, db_at_zero
-
-    def _ctr_op_backward(ctx, do, dlse):
-        q, k, v, a, b, o, lse = ctx.saved_tensors
-        need_db = bool(ctx.needs_input_grad[4] and ctx.db_at_zero)
-        dq, dk, dv, da, db = _ctr_bwd_op(do, q, k, v, o, lse, a, b, ctx.scale, ctx.bwd, need_db)
-        da = da.reshape(a.shape).to(a.dtype) if ctx.needs_input_grad[3] else None
-        db = db.reshape(b.shape).to(b.dtype) if ctx.needs_input_grad[4] else None
-        return dq, dk, dv, da, db, None, None, None
-
-    _ctr_op.register_autograd(_ctr_op_backward, setup_context=_ctr_op_setup)
-else:  # pragma: no cover - no triton, or torch < 2.4
-    _ctr_op = None
-
-ctr_attention = _ctr_attention_impl
 ctr_attention.__doc__ = """Exact reciprocal attention with the CTR Triton kernels.
 
 q, k, v: (B, H, T, D), fp16/bf16 (fp32 accepted); a, b: (H,) per-head weights (gradients flow to
