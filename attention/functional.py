@@ -407,6 +407,82 @@ def fold_same_flop_qkv(weight, bias, W, s_std, s_rec, rec_on=None):
     return _FoldSameFlop.apply(weight, bias, W, s_std, s_rec, rec_on)
 
 
+# ---------------------------------------------------------------------------
+# Per-token gate of the reciprocal query columns, in place (ra_tokensel)
+
+def _rec_queries(x, n_head, R):
+    """(B, T, 3C) [Qf | Kf | V] -> the view (B, T, nh, R) of Qf's reciprocal columns."""
+    B, T, C3 = x.shape
+    D = C3 // 3 // n_head
+    return x.view(B, T, 3, n_head, D)[:, :, 0, :, D - R:]
+
+
+@torch.library.custom_op("ra::scale_rec_queries_", mutates_args=("qkv",))
+def _scale_rec_queries_(qkv: torch.Tensor, m: torch.Tensor, n_head: int, R: int) -> None:
+    _rec_queries(qkv, n_head, R).mul_(m.unsqueeze(-1).unsqueeze(-1).to(qkv.dtype))
+
+
+@_scale_rec_queries_.register_fake
+def _(qkv, m, n_head, R):
+    return None
+
+
+@torch.library.custom_op("ra::scale_rec_queries_bwd_", mutates_args=("g",))
+def _scale_rec_queries_bwd_(g: torch.Tensor, m: torch.Tensor, rec: torch.Tensor, n_head: int, R: int) -> torch.Tensor:
+    g_rec = _rec_queries(g, n_head, R)  # (B, T, nh, R)
+    acc = torch.promote_types(g.dtype, torch.float32)  # fp32 sums for bf16 tensors, float64 stays
+    dm = (g_rec.to(acc) * rec.to(acc)).sum(dim=(-1, -2)).to(m.dtype)  # (B, T), before g_rec is scaled
+    g_rec.mul_(m.unsqueeze(-1).unsqueeze(-1).to(g.dtype))
+    return dm
+
+
+@_scale_rec_queries_bwd_.register_fake
+def _(g, m, rec, n_head, R):
+    return m.new_empty(m.shape)
+
+
+class _GateRecQueries(torch.autograd.Function):
+    """gate_rec_queries_, both directions in place on the gated columns (1/24 of the buffer for
+    GPT-2's R = 8 of D = 64). The forward saves only those columns' old values (m's gradient
+    needs them). Both are ops that mutate their input, because torch.compile keeps those in
+    place: a plain slice mul_ is functionalized into a copy of the whole (B, T, 3C) buffer, and
+    an out-of-place backward made inductor write two whole gradient buffers."""
+
+    @staticmethod
+    def forward(ctx, qkv, m, n_head, R):
+        ctx.save_for_backward(_rec_queries(qkv, n_head, R).clone(), m)  # (B, T, nh, R), before the gate
+        ctx.n_head, ctx.R = n_head, R
+        _scale_rec_queries_(qkv, m, n_head, R)
+        ctx.mark_dirty(qkv)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, g):
+        rec, m = ctx.saved_tensors
+        if not torch.compiler.is_compiling() or not g.is_contiguous():
+            # eager autograd may hand the same gradient tensor to other nodes: scale a copy. (Compiled,
+            # g is a graph intermediate and functionalization makes the in-place update safe.)
+            g = g.clone(memory_format=torch.contiguous_format)
+        dm = _scale_rec_queries_bwd_(g, m, rec, ctx.n_head, ctx.R)
+        return g, (dm if ctx.needs_input_grad[1] else None), None, None
+
+
+def gate_rec_queries_(qkv, m, n_head, R):
+    """Scale the R reciprocal query columns of every head by a per-token gate, IN PLACE.
+
+    qkv (B, T, 3C): a fused projection's output [Qf | Kf | V] (contiguous, D = C / n_head columns
+    per head, the reciprocal ones last); m (B, T). Qf[b, t, h, D-R:] *= m[b, t]. Returns qkv
+    (mutated; q, k, v views of it keep sdpa's layout). Differentiable in qkv and m. Touches H*R of
+    the 3C columns (a whole-buffer multiply read and wrote all of them: 1.10x vs sdpa's step).
+    """
+    if qkv.dim() != 3 or not qkv.is_contiguous() or qkv.size(-1) % (3 * n_head):
+        raise ValueError(f"gate_rec_queries_: qkv must be a contiguous (B, T, 3C) with 3C divisible by 3 * n_head;"
+                         f" got shape {tuple(qkv.shape)}, contiguous={qkv.is_contiguous()}, n_head={n_head}")
+    if m.shape != qkv.shape[:2]:
+        raise ValueError(f"gate_rec_queries_: m must be (B, T) = {tuple(qkv.shape[:2])}; got {tuple(m.shape)}")
+    return _GateRecQueries.apply(qkv, m, n_head, R)
+
+
 def _int8_absmax_scale(x):
     """Per-row symmetric int8 scale (..., 1) from the absmax of the last dim."""
     return x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0

@@ -23,15 +23,17 @@ Scorer init: u ~ N(0, 0.02), c = 0, so about half of the tokens start selected a
 penalty pulls the fraction to the target.
 
 Cost: the scorer is a (C -> 1) dot product per token, written as multiply-and-sum so
-torch.compile makes it one row reduction; the gate multiplies the R reciprocal columns
-of Qf in the projection's output buffer [Qf | Kf | V] (one pointwise pass over it, so q,
-k and v keep sdpa's layout; SameFlopRA.gate_qkv says why). One SDPA call.
+torch.compile makes it one row reduction; the gate scales the R reciprocal columns of Qf
+in place in the projection's output buffer [Qf | Kf | V] (functional.gate_rec_queries_:
+H*R of the 3C columns are read and written, and q, k, v keep sdpa's layout;
+SameFlopRA.gate_qkv says why). One SDPA call.
 metrics(): tok_frac, the selected fraction of the last forward.
 """
 
 import torch
 import torch.nn as nn
 
+from attention.functional import gate_rec_queries_
 from attention.ra_same_flop import SameFlopRA
 
 
@@ -65,11 +67,9 @@ class TokenSelRA(SameFlopRA):
         m = (g > 0.5).to(g.dtype)
         m = m + g - g.detach()  # forward: the hard 0/1 selection; backward: straight-through to g
         self._sel = m.mean()
-        # gate the R reciprocal columns of every head's Qf (the first third of [Qf | Kf | V]), pass the
-        # rest through: one pointwise pass over the whole buffer (see SameFlopRA.gate_qkv for why)
-        col = torch.arange(C3, device=qkv.device)
-        rec_q = (col < C3 // 3) & (col % D >= D - self.R)  # (3C,)
-        return qkv * torch.where(rec_q, m.unsqueeze(-1).to(qkv.dtype), torch.ones((), dtype=qkv.dtype, device=qkv.device))
+        # gate the R reciprocal columns of every head's Qf in place: the rest of [Qf | Kf | V] is not
+        # touched (SameFlopRA.gate_qkv says why the gate works on this one buffer)
+        return gate_rec_queries_(qkv, m, self.n_head, self.R)
 
     def aux_loss(self):
         if self._sel is None:

@@ -618,6 +618,47 @@ def test_flop_mult_and_reset_parameters():
             assert attn.scorer.bias.item() == 0.0
 
 
+def _gate_ref(qkv, m, H, R):
+    """The gate written plainly: multiply Qf's last R columns of every head by m, out of place."""
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // H
+    col = torch.arange(C3)
+    gated = (col < C3 // 3) & (col % D >= D - R)
+    return qkv * torch.where(gated, m.unsqueeze(-1), torch.ones((), dtype=qkv.dtype))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gate_rec_queries_in_place_matches_reference(compiled):
+    B, T, H, D, R = 2, 13, 3, 16, 5
+    x = rand(B, T, 3 * H * D, seed=7).requires_grad_()
+    m = torch.sigmoid(rand(B, T, seed=8)).requires_grad_()
+    up = torch.randn(B, T, 3 * H * D, dtype=torch.float64)  # a random upstream gradient
+
+    def gated(x, m):
+        qkv = x * 1.0  # a fresh non-leaf buffer, as the projection's output is
+        ptr = qkv.data_ptr()
+        out = AF.gate_rec_queries_(qkv, m, H, R)
+        return out, ptr
+
+    out, ptr = gated(x, m)
+    assert out.data_ptr() == ptr  # in place
+    if compiled:
+        torch._dynamo.reset()
+        out = torch.compile(lambda x, m: gated(x, m)[0], fullgraph=True)(x, m)
+    ref = _gate_ref(x, m, H, R)
+    torch.testing.assert_close(out, ref, **TOL64)
+    for a, b in zip(torch.autograd.grad((out * up).sum(), (x, m)), torch.autograd.grad((ref * up).sum(), (x, m))):
+        torch.testing.assert_close(a, b, **TOL64)
+
+
+def test_gate_rec_queries_bad_input():
+    qkv = torch.zeros(2, 5, 48)
+    with pytest.raises(ValueError, match="m must be"):
+        AF.gate_rec_queries_(qkv, torch.ones(2, 4), 2, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        AF.gate_rec_queries_(qkv.transpose(0, 1), torch.ones(5, 2), 2, 4)
+
+
 def test_tokensel_aux_loss_releases_the_forward_graph():
     # the module must not keep its last forward's autograd graph alive into the next step (it held the
     # scorer's gradient nodes, which broke CUDA-graph capture); metrics keep the value
