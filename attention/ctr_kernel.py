@@ -67,16 +67,7 @@ import torch.nn.functional as F
 
 from attention.functional import ra_operands, reciprocal_attention
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - no triton installed
-    triton, tl = None, None
-    HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from attention.triton_setup import HAS_TRITON, INTERPRET, tl, triton
 LOG2E = 1.4426950408889634
 
 # block shapes used under the interpreter (and by explicit `config=` calls):

@@ -95,24 +95,27 @@ class SameFlopRA(nn.Module):
         return None
 
     def gate_qkv(self, x, qkv):
-        """Hook on the projection output [Qf | Kf | V] (B, T, 3C), before the heads are split
-        (ra_tokensel gates its reciprocal query columns here). Gating the one buffer keeps q, k
-        and v views of it with equal strides, as sdpa's are. (The earlier gate built a separate q;
-        that version's compiled step left the GPU idle 9.4 ms per step on an H100, cause not
-        isolated: docs/bench.md.)"""
+        """Hook on the projection output [Qf | Kf | V] (B*T, 3C), one row per token, before the
+        heads are split (ra_tokensel gates its reciprocal query columns here, in place). Gating the
+        one buffer keeps q, k and v views of it with equal strides, as sdpa's are. (The earlier gate
+        built a separate q; that version's compiled step left the GPU idle 9.4 ms per step on an
+        H100, cause not isolated: docs/bench.md.)"""
         return qkv
 
     def qkv(self, x):
         """Block input (B, T, C) -> Qf, Kf, V, each (B, nh, T, hs)."""
+        B, T, C = x.shape
         rec_on = self.rec_on()
         if self.fused:
             w, b = fold_same_flop_qkv(self.c_attn.weight, self.c_attn.bias, self.W, self.s_std, self.s_rec, rec_on)
-            qkv = F.linear(x, w, b)  # (B, T, 3C): already [Qf | Kf | V]
+            # a 2D input, so the output is a tensor of its own rather than a view: gate_qkv may update it in place
+            qkv = F.linear(x.reshape(B * T, C), w, b)  # (B*T, 3C): already [Qf | Kf | V]
         else:
             q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
             q, k = same_flop_qk(q, k, self.W, self.s_std, self.s_rec, rec_on)
-            qkv = torch.cat([merge_heads(q), merge_heads(k), merge_heads(v)], dim=-1)  # the reference: copies are fine
-        q, k, v = split_heads(self.gate_qkv(x, qkv), self.n_head)  # each (B, nh, T, hs)
+            # the reference: copies are fine
+            qkv = torch.cat([merge_heads(t).view(B * T, C) for t in (q, k, v)], dim=-1)  # (B*T, 3C)
+        q, k, v = split_heads(self.gate_qkv(x, qkv).view(B, T, 3 * C), self.n_head)  # each (B, nh, T, hs)
         q = quantize_rec(q, self.R, self.quant, rec_on)
         k = quantize_rec(k, self.R, self.quant, rec_on)
         return q, k, v

@@ -24,7 +24,7 @@ penalty pulls the fraction to the target.
 
 Cost: the scorer is a (C -> 1) dot product per token, written as multiply-and-sum so
 torch.compile makes it one row reduction; the gate scales the R reciprocal columns of Qf
-in place in the projection's output buffer [Qf | Kf | V] (functional.gate_rec_queries_:
+in place in the projection's output buffer [Qf | Kf | V] (rec_gate.gate_rec_queries_:
 H*R of the 3C columns are read and written, and q, k, v keep sdpa's layout;
 SameFlopRA.gate_qkv says why). One SDPA call.
 metrics(): tok_frac, the selected fraction of the last forward.
@@ -33,7 +33,7 @@ metrics(): tok_frac, the selected fraction of the last forward.
 import torch
 import torch.nn as nn
 
-from attention.functional import gate_rec_queries_
+from attention.rec_gate import gate_rec_queries_
 from attention.ra_same_flop import SameFlopRA
 
 
@@ -58,8 +58,6 @@ class TokenSelRA(SameFlopRA):
             nn.init.zeros_(self.scorer.bias)
 
     def gate_qkv(self, x, qkv):
-        B, T, C3 = qkv.shape
-        D = C3 // 3 // self.n_head
         # the (C -> 1) scorer as a multiply-and-sum rather than a GEMM: compiled, it is one fused
         # row reduction over x (a 1-column GEMM would be its own cuBLAS call, forward and backward)
         logit = (x * self.scorer.weight[0]).sum(-1) + self.scorer.bias  # (B, T): token i's own state only
@@ -69,7 +67,7 @@ class TokenSelRA(SameFlopRA):
         self._sel = m.mean()
         # gate the R reciprocal columns of every head's Qf in place: the rest of [Qf | Kf | V] is not
         # touched (SameFlopRA.gate_qkv says why the gate works on this one buffer)
-        return gate_rec_queries_(qkv, m, self.n_head, self.R)
+        return gate_rec_queries_(qkv, m.view(-1), self.n_head, self.R)  # qkv (B*T, 3C), m (B*T,)
 
     def aux_loss(self):
         if self._sel is None:

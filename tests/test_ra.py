@@ -5,6 +5,9 @@ mask and softmax, so they share no code with the implementations under test.
 """
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 import attention
 from attention import functional as AF
+from attention.rec_gate import gate_rec_queries_
 from model import GPT, GPTConfig
 
 RA_NAMES = ["ra_same_flop", "ra_headsel", "ra_tokensel", "ra_exact", "ra_swap"]
@@ -620,7 +624,7 @@ def test_flop_mult_and_reset_parameters():
 
 def _gate_ref(qkv, m, H, R):
     """The gate written plainly: multiply Qf's last R columns of every head by m, out of place."""
-    B, T, C3 = qkv.shape
+    N, C3 = qkv.shape
     D = C3 // 3 // H
     col = torch.arange(C3)
     gated = (col < C3 // 3) & (col % D >= D - R)
@@ -629,15 +633,15 @@ def _gate_ref(qkv, m, H, R):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gate_rec_queries_in_place_matches_reference(compiled):
-    B, T, H, D, R = 2, 13, 3, 16, 5
-    x = rand(B, T, 3 * H * D, seed=7).requires_grad_()
-    m = torch.sigmoid(rand(B, T, seed=8)).requires_grad_()
-    up = torch.randn(B, T, 3 * H * D, dtype=torch.float64)  # a random upstream gradient
+    N, H, D, R = 27, 3, 16, 5
+    x = rand(N, 3 * H * D, seed=7).requires_grad_()
+    m = torch.sigmoid(rand(N, seed=8)).requires_grad_()
+    up = torch.randn(N, 3 * H * D, dtype=torch.float64)  # a random upstream gradient
 
     def gated(x, m):
         qkv = x * 1.0  # a fresh non-leaf buffer, as the projection's output is
         ptr = qkv.data_ptr()
-        out = AF.gate_rec_queries_(qkv, m, H, R)
+        out = gate_rec_queries_(qkv, m, H, R)
         return out, ptr
 
     out, ptr = gated(x, m)
@@ -651,12 +655,68 @@ def test_gate_rec_queries_in_place_matches_reference(compiled):
         torch.testing.assert_close(a, b, **TOL64)
 
 
+_GATE_INTERP_CHECK = """
+import torch
+from attention import rec_gate
+assert rec_gate.INTERPRET and rec_gate._use_kernel(torch.zeros(1))  # the Triton kernels, on the CPU
+from tests.test_ra import _gate_ref
+N, H, D, R = 45, 3, 32, 8  # N not a multiple of BLOCK_ROWS, H * R not a power of 2
+for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 3 * H * D, generator=g).to(dtype).requires_grad_()
+    m = torch.rand(N, generator=g).requires_grad_()
+    up = torch.randn(N, 3 * H * D, generator=g).to(dtype)
+    out = rec_gate.gate_rec_queries_(x * 1, m, H, R)
+    ref = _gate_ref(x.double(), m.double(), H, R)
+    got = torch.autograd.grad((out.float() * up.float()).sum(), (x, m))
+    want = torch.autograd.grad((ref * up.double()).sum(), (x, m))
+    for a, b in zip((out,) + got, (ref,) + want):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < tol, (dtype, err)
+print("GATE_INTERP_OK")
+"""
+
+
+def test_gate_rec_queries_triton_kernels_interpreter():
+    """The CUDA path's Triton kernels, run on the CPU by Triton's interpreter (in a subprocess:
+    TRITON_INTERPRET must be set before triton is imported)."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _GATE_INTERP_CHECK], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "GATE_INTERP_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gate_rec_queries_cuda(compiled):
+    """The Triton kernels on the GPU (bf16), eager and traced by torch.compile into inductor's graph."""
+    N, H, D, R = 1000, 12, 64, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, 3 * H * D, device="cuda", generator=g).bfloat16().requires_grad_()
+    m = torch.rand(N, device="cuda", generator=g).requires_grad_()
+    up = torch.randn(N, 3 * H * D, device="cuda", generator=g).bfloat16()
+    fn = lambda x, m: gate_rec_queries_(x * 1, m, H, R)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True)
+    out = fn(x, m)
+    ref = _gate_ref(x.double().cpu(), m.double().cpu(), H, R)
+    got = torch.autograd.grad((out.float() * up.float()).sum(), (x, m))
+    want = torch.autograd.grad((ref * up.double().cpu()).sum(), (x, m))
+    for a, b in zip((out,) + got, (ref,) + want):
+        assert ((a.double().cpu() - b).norm() / b.norm()).item() < 1e-2
+
+
 def test_gate_rec_queries_bad_input():
-    qkv = torch.zeros(2, 5, 48)
+    qkv = torch.zeros(10, 48)
     with pytest.raises(ValueError, match="m must be"):
-        AF.gate_rec_queries_(qkv, torch.ones(2, 4), 2, 4)
+        gate_rec_queries_(qkv, torch.ones(9), 2, 4)
     with pytest.raises(ValueError, match="contiguous"):
-        AF.gate_rec_queries_(qkv.transpose(0, 1), torch.ones(5, 2), 2, 4)
+        gate_rec_queries_(qkv.t(), torch.ones(48), 2, 4)
+    with pytest.raises(ValueError, match="R=8"):
+        gate_rec_queries_(qkv, torch.ones(10), 2, 8)
 
 
 def test_tokensel_aux_loss_releases_the_forward_graph():
