@@ -266,7 +266,7 @@ def kernel_category(name):
 
 def profile_kernels(fn, steps):
     """GPU kernel time per call of fn, from torch.profiler over `steps` calls: {category: ms}, the top
-    kernels [(ms per call, launches per call, name)], and the kernel-time total. The step's own
+    kernels [(ms per call, launches per call, name)] (and all of them), and the kernel-time total. The step's own
     ms minus that total is time the GPU sat idle (waiting on the host)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -286,7 +286,8 @@ def profile_kernels(fn, steps):
         cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + ms
         kernels.append((ms, e.count / steps, e.key))
     kernels.sort(reverse=True)
-    return dict(categories=cats, top=kernels[:12], total_ms=sum(cats.values()))
+    # every kernel goes into the JSON (so two variants can be diffed by name); tables print the top
+    return dict(categories=cats, top=kernels[:12], kernels=kernels, total_ms=sum(cats.values()))
 
 
 INPUT_GEN = torch.Generator().manual_seed(0)  # CPU generator for every benchmark input
