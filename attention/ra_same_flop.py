@@ -28,7 +28,7 @@ ra_quant=int8 fake-quantizes the R reciprocal columns of Qf and Kf (per-row absm
 straight-through gradient), as a low-precision kernel would store them.
 
 This class is also the base of ra_headsel (per-head routing: rec_on) and
-ra_tokensel (per-token query gate: gate_qkv).
+ra_tokensel (per-token query gate: split_qkv).
 """
 
 import math
@@ -94,13 +94,14 @@ class SameFlopRA(nn.Module):
         """(nh,) bool on the device, or None: which heads use the reciprocal channel (all here)."""
         return None
 
-    def gate_qkv(self, x, qkv):
-        """Hook on the projection output [Qf | Kf | V] (B*T, 3C), one row per token, before the
-        heads are split (ra_tokensel gates its reciprocal query columns here, in place). Gating the
-        one buffer keeps q, k and v views of it with equal strides, as sdpa's are. (The earlier gate
-        built a separate q; that version's compiled step left the GPU idle 9.4 ms per step on an
-        H100, cause not isolated: docs/bench.md.)"""
-        return qkv
+    def split_qkv(self, x, qkv):
+        """Projection output [Qf | Kf | V] (B*T, 3C), one row per token -> q, k, v, each (B, nh, T, hs),
+        views of it (so q, k and v have equal strides, as sdpa's do). A hook: ra_tokensel gates its
+        reciprocal query columns here, in place. (An earlier gate built a separate q; that
+        version's compiled step left the GPU idle 9.4 ms per step on an H100, cause not
+        isolated: docs/bench.md.)"""
+        B, T, _ = x.shape
+        return split_heads(qkv.view(B, T, -1), self.n_head)
 
     def qkv(self, x):
         """Block input (B, T, C) -> Qf, Kf, V, each (B, nh, T, hs)."""
@@ -108,14 +109,14 @@ class SameFlopRA(nn.Module):
         rec_on = self.rec_on()
         if self.fused:
             w, b = fold_same_flop_qkv(self.c_attn.weight, self.c_attn.bias, self.W, self.s_std, self.s_rec, rec_on)
-            # a 2D input, so the output is a tensor of its own rather than a view: gate_qkv may update it in place
+            # a 2D input, so the output is a tensor of its own rather than a view (split_qkv may update it in place)
             qkv = F.linear(x.reshape(B * T, C), w, b)  # (B*T, 3C): already [Qf | Kf | V]
         else:
             q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
             q, k = same_flop_qk(q, k, self.W, self.s_std, self.s_rec, rec_on)
             # the reference: copies are fine
             qkv = torch.cat([merge_heads(t).view(B * T, C) for t in (q, k, v)], dim=-1)  # (B*T, 3C)
-        q, k, v = split_heads(self.gate_qkv(x, qkv).view(B, T, 3 * C), self.n_head)  # each (B, nh, T, hs)
+        q, k, v = self.split_qkv(x, qkv)  # each (B, nh, T, hs)
         q = quantize_rec(q, self.R, self.quant, rec_on)
         k = quantize_rec(k, self.R, self.quant, rec_on)
         return q, k, v

@@ -24,16 +24,15 @@ penalty pulls the fraction to the target.
 
 Cost: the scorer is a (C -> 1) dot product per token, written as multiply-and-sum so
 torch.compile makes it one row reduction; the gate scales the R reciprocal columns of Qf
-in place in the projection's output buffer [Qf | Kf | V] (rec_gate.gate_rec_queries_:
-H*R of the 3C columns are read and written, and q, k, v keep sdpa's layout;
-SameFlopRA.gate_qkv says why). One SDPA call.
+in place in the projection's output buffer [Qf | Kf | V] (rec_gate.gate_rec_queries: H*R
+of the 3C columns are read and written, and q, k, v keep sdpa's layout). One SDPA call.
 metrics(): tok_frac, the selected fraction of the last forward.
 """
 
 import torch
 import torch.nn as nn
 
-from attention.rec_gate import gate_rec_queries_
+from attention.rec_gate import gate_rec_queries
 from attention.ra_same_flop import SameFlopRA
 
 
@@ -57,7 +56,8 @@ class TokenSelRA(SameFlopRA):
             nn.init.normal_(self.scorer.weight, mean=0.0, std=0.02)
             nn.init.zeros_(self.scorer.bias)
 
-    def gate_qkv(self, x, qkv):
+    def split_qkv(self, x, qkv):
+        B, T, _ = x.shape
         # the (C -> 1) scorer as a multiply-and-sum rather than a GEMM: compiled, it is one fused
         # row reduction over x (a 1-column GEMM would be its own cuBLAS call, forward and backward)
         logit = (x * self.scorer.weight[0]).sum(-1) + self.scorer.bias  # (B, T): token i's own state only
@@ -66,8 +66,8 @@ class TokenSelRA(SameFlopRA):
         m = m + g - g.detach()  # forward: the hard 0/1 selection; backward: straight-through to g
         self._sel = m.mean()
         # gate the R reciprocal columns of every head's Qf in place: the rest of [Qf | Kf | V] is not
-        # touched (SameFlopRA.gate_qkv says why the gate works on this one buffer)
-        return gate_rec_queries_(qkv, m.view(-1), self.n_head, self.R)  # qkv (B*T, 3C), m (B*T,)
+        # touched (rec_gate.py says how and why)
+        return gate_rec_queries(qkv, m.view(B * T), B, T, self.n_head, self.R)  # q, k, v (B, nh, T, hs)
 
     def aux_loss(self):
         if self._sel is None:

@@ -1,29 +1,33 @@
 """
-A per-token gate on the reciprocal query columns, in place (ra_tokensel's gate).
+A per-token gate on the reciprocal query columns (ra_tokensel's gate), in place.
 
 qkv (N, 3C) is a fused projection's output [Qf | Kf | V], one row per token (N = B*T), D =
 C / n_head columns per head with the R reciprocal ones last; m (N,) is one gate value per token:
 
     Qf[n, h, D-R:] *= m[n]            for every head h; Kf and V untouched
-    d qkv = g with the same columns times m,   dm[n] = sum_{h, r} g[n, h, D-R+r] * Qf_old[n, h, D-R+r]
+    backward: dQf_old = dQf with the same columns times m,  dm[n] = sum_{h, r} dQf[n, h, D-R+r] Qf_old[n, h, D-R+r]
 
-Only H*R of the 3C columns are read and written (1/24 of the buffer for GPT-2's R = 8, D = 64),
-and q, k, v stay views of one buffer (sdpa's layout). The forward keeps the gated columns' old
-values (N, H*R) for dm. qkv must be a tensor of its own, not a view (the linear layer's output
-for a 2D input is; for a 3D input it is a view, which AOTAutograd cannot trace an in-place
-autograd.Function on).
+gate_rec_queries returns q, k, v (B, nh, T, hs), views of the one gated buffer (sdpa's layout).
 
-Why kernels: under torch.compile, an in-place slice multiply is functionalized into a copy of
-the whole buffer, and an out-of-place backward made inductor write two whole gradient buffers
-(the old gate: 1.10x sdpa's training step on an H100). A mutating op that calls eager torch ops
-fixed the GPU work but cost ~9 ms per step of GPU idle (a dozen host-side op dispatches per layer
-on a host that barely keeps ahead of the GPU). So: one Triton kernel each way, registered with
-torch.library.triton_op, which torch.compile traces into its graph (inductor launches the kernel
-itself and keeps the mutation in place). Without CUDA (or Triton) the same ops run as torch ops.
+How, and why this way (each step measured on an H100, GPT-2 124M compiled training step):
+  * a whole-buffer multiply (qkv * a (3C,) column mask) read and wrote all 3C columns each way:
+    1.10x sdpa's step.
+  * Forward: one Triton kernel scales the H*R gated columns in place (1/24 of the buffer for R = 8,
+    D = 64) and keeps their old values (N, H*R). It runs under no_grad: autograd does not see the
+    mutation (nothing saved for a backward reads qkv's old values: the linear layer saves its input
+    and weight). Its Jacobian is put back by _GateGrad, an identity on q whose backward scales dq
+    and gives dm. So the backward works on dq, SDPA's own fresh gradient: the scaling is a
+    pointwise op that inductor fuses into the concat of dq, dk, dv that sdpa's backward has anyway,
+    and dm reads only the R columns. (An autograd.Function that mutated qkv with mark_dirty made
+    inductor copy the whole gradient buffer three times; the kernels as ops that call eager torch
+    ops cost ~9 ms per step of host time.)
+  * The kernel is registered with torch.library.triton_op, which torch.compile traces: inductor
+    launches it itself and keeps it in place. Without CUDA (or Triton) the same op runs as torch ops.
 """
 
 import torch
 
+from attention.functional import split_heads
 from attention.triton_setup import HAS_TRITON, INTERPRET, tl, triton
 
 BLOCK_ROWS = 32  # tokens per program
@@ -58,17 +62,6 @@ if HAS_TRITON:
         tl.store(SAVED + saved, x, mask=mask)
         tl.store(QKV + offs, (x * m[:, None]).to(x.dtype), mask=mask)
 
-    @triton.jit
-    def _gate_bwd_kernel(G, M, SAVED, DM, n_rows, row_stride, D: tl.constexpr, R: tl.constexpr, HR: tl.constexpr,
-                         BLOCK_ROWS: tl.constexpr, BLOCK_HR: tl.constexpr, F64: tl.constexpr):
-        offs, saved, mask, rows = _rec_cols(tl.program_id(0), n_rows, row_stride, D, R, HR, BLOCK_ROWS, BLOCK_HR)
-        acc = tl.float64 if F64 else tl.float32
-        g = tl.load(G + offs, mask=mask)
-        x = tl.load(SAVED + saved, mask=mask)
-        m = tl.load(M + rows, mask=rows < n_rows)
-        tl.store(DM + rows, tl.sum(g.to(acc) * x.to(acc), axis=1), mask=rows < n_rows)  # before g is scaled
-        tl.store(G + offs, (g * m[:, None]).to(g.dtype), mask=mask)
-
 
 def _use_kernel(x):
     return HAS_TRITON and (x.is_cuda or INTERPRET)
@@ -91,21 +84,6 @@ def _gate_fwd_impl(qkv, m, saved, n_head, R):
         rec.mul_(m.view(N, 1, 1).to(qkv.dtype))
 
 
-def _gate_bwd_impl(g, m, saved, dm, n_head, R):
-    N, C3 = g.shape
-    HR = n_head * R
-    if _use_kernel(g):
-        wrap = torch.library.wrap_triton if not INTERPRET else (lambda k: k)
-        wrap(_gate_bwd_kernel)[_grid(N)](g, m, saved, dm, N, C3, D=C3 // 3 // n_head, R=R, HR=HR,
-                                             BLOCK_ROWS=BLOCK_ROWS, BLOCK_HR=triton.next_power_of_2(HR),
-                                             F64=g.dtype == torch.float64)
-    else:
-        g_rec = _rec_queries(g, n_head, R)
-        acc = torch.promote_types(g.dtype, torch.float32)
-        dm.copy_((g_rec.to(acc) * saved.view(N, n_head, R).to(acc)).sum(dim=(-1, -2)))
-        g_rec.mul_(m.view(N, 1, 1).to(g.dtype))
-
-
 # the ops: torch.library.triton_op, so torch.compile sees the kernel (one launch by inductor, in place)
 _op = torch.library.triton_op if hasattr(torch.library, "triton_op") else torch.library.custom_op
 
@@ -115,47 +93,48 @@ def _gate_fwd(qkv: torch.Tensor, m: torch.Tensor, saved: torch.Tensor, n_head: i
     _gate_fwd_impl(qkv, m, saved, n_head, R)
 
 
-@_op("ra::gate_rec_queries_bwd", mutates_args=("g", "dm"))
-def _gate_bwd(g: torch.Tensor, m: torch.Tensor, saved: torch.Tensor, dm: torch.Tensor, n_head: int, R: int) -> None:
-    _gate_bwd_impl(g, m, saved, dm, n_head, R)
-
-
-class _GateRecQueries(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, m, n_head, R):
-        m = m.contiguous()
-        saved = qkv.new_empty(qkv.size(0), n_head * R)  # the gated columns' values before the gate
-        _gate_fwd(qkv, m, saved, n_head, R)
-        ctx.save_for_backward(saved, m)
-        ctx.n_head, ctx.R, ctx.m_dtype = n_head, R, m.dtype
-        ctx.mark_dirty(qkv)
-        return qkv
+class _GateGrad(torch.autograd.Function):
+    """Identity on q (B, nh, T, hs) in the forward; the gate's Jacobian in the backward (see the
+    module docstring). saved (N, nh*R): the gated columns before the gate; m (N,)."""
 
     @staticmethod
-    def backward(ctx, g):
-        saved, m = ctx.saved_tensors
-        if not torch.compiler.is_compiling() or not g.is_contiguous():
-            # eager autograd may hand this same gradient tensor to other nodes: scale a copy. (Compiled,
-            # g is a graph intermediate and functionalization keeps the in-place update safe.)
-            g = g.clone(memory_format=torch.contiguous_format)
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        dm = torch.empty(m.shape, device=m.device, dtype=acc)
-        _gate_bwd(g, m, saved, dm, ctx.n_head, ctx.R)
-        return g, (dm.to(ctx.m_dtype) if ctx.needs_input_grad[1] else None), None, None
+    def forward(ctx, q, m, saved, R):
+        ctx.save_for_backward(m, saved)
+        ctx.R = R
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, dq):
+        m, saved = ctx.saved_tensors
+        B, H, T, D = dq.shape
+        R = ctx.R
+        acc = torch.promote_types(dq.dtype, torch.float32)  # fp32 sums for bf16, float64 stays
+        old = saved.view(B, T, H, R).transpose(1, 2)  # (B, nh, T, R)
+        dm = (dq[..., D - R:].to(acc) * old.to(acc)).sum(dim=(1, 3)).reshape(B * T)  # (N,)
+        mq = m.view(B, 1, T, 1).to(dq.dtype)
+        col = torch.arange(D, device=dq.device)
+        dq = dq * torch.where(col >= D - R, mq, torch.ones((), dtype=dq.dtype, device=dq.device))  # fuses into the concat
+        return dq, dm.to(m.dtype), None, None
 
 
-def gate_rec_queries_(qkv, m, n_head, R):
-    """Scale the R reciprocal query columns of every head by the per-token gate m, IN PLACE.
+def gate_rec_queries(qkv, m, B, T, n_head, R):
+    """Gate the R reciprocal query columns of every head by the per-token m, in place in qkv.
 
-    qkv (N, 3C) contiguous [Qf | Kf | V], one row per token; m (N,). Returns qkv (mutated).
-    Differentiable in qkv and m (see the module docstring for the math)."""
-    if qkv.dim() != 2 or not qkv.is_contiguous() or qkv.size(-1) % (3 * n_head):
-        raise ValueError(f"gate_rec_queries_: qkv must be a contiguous (N, 3C) with 3C divisible by 3 * n_head (e.g."
-                         f" F.linear(x.view(B * T, C), ...)); got shape {tuple(qkv.shape)}, contiguous="
-                         f"{qkv.is_contiguous()}, n_head={n_head}")
+    qkv (N, 3C) contiguous [Qf | Kf | V], one row per token (N = B*T, rows in (b, t) order); m (N,).
+    Returns q, k, v (B, nh, T, hs): views of the gated qkv. Differentiable in qkv and m (the
+    module docstring has the math and why the forward's mutation is hidden from autograd)."""
+    if qkv.dim() != 2 or not qkv.is_contiguous() or qkv.size(-1) % (3 * n_head) or qkv.size(0) != B * T:
+        raise ValueError(f"gate_rec_queries: qkv must be a contiguous (B*T, 3C) = ({B * T}, 3C) with 3C divisible by"
+                         f" 3 * n_head (e.g. F.linear(x.view(B * T, C), ...)); got shape {tuple(qkv.shape)},"
+                         f" contiguous={qkv.is_contiguous()}, n_head={n_head}")
     if tuple(m.shape) != (qkv.size(0),):
-        raise ValueError(f"gate_rec_queries_: m must be (N,) = ({qkv.size(0)},), one value per row of qkv; got {tuple(m.shape)}")
+        raise ValueError(f"gate_rec_queries: m must be (N,) = ({qkv.size(0)},), one value per row of qkv; got {tuple(m.shape)}")
     D = qkv.size(-1) // 3 // n_head
     if not 1 <= R < D:
-        raise ValueError(f"gate_rec_queries_: R={R} must be in [1, head dim - 1] = [1, {D - 1}]")
-    return _GateRecQueries.apply(qkv, m, n_head, R)
+        raise ValueError(f"gate_rec_queries: R={R} must be in [1, head dim - 1] = [1, {D - 1}]")
+    m = m.contiguous()
+    saved = qkv.new_empty(qkv.size(0), n_head * R)  # the gated columns' values before the gate
+    with torch.no_grad():  # the mutation autograd must not see: _GateGrad carries its Jacobian
+        _gate_fwd(qkv, m.detach(), saved, n_head, R)
+    q, k, v = split_heads(qkv.view(B, T, -1), n_head)  # each (B, nh, T, hs)
+    return _GateGrad.apply(q, m, saved, R), k, v

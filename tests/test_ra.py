@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import attention
 from attention import functional as AF
-from attention.rec_gate import gate_rec_queries_
+from attention.rec_gate import gate_rec_queries
 from model import GPT, GPTConfig
 
 RA_NAMES = ["ra_same_flop", "ra_headsel", "ra_tokensel", "ra_exact", "ra_swap"]
@@ -626,59 +626,64 @@ def _gate_ref(qkv, m, H, R):
     """The gate written plainly: multiply Qf's last R columns of every head by m, out of place."""
     N, C3 = qkv.shape
     D = C3 // 3 // H
-    col = torch.arange(C3)
+    col = torch.arange(C3, device=qkv.device)
     gated = (col < C3 // 3) & (col % D >= D - R)
-    return qkv * torch.where(gated, m.unsqueeze(-1), torch.ones((), dtype=qkv.dtype))
+    return qkv * torch.where(gated, m.unsqueeze(-1), torch.ones((), dtype=qkv.dtype, device=qkv.device))
+
+
+def _gate_check(x, m, up, B, T, H, R, compiled=False, tol=None):
+    """gate_rec_queries on a fresh buffer x * 1 against _gate_ref (float64), values and the
+    gradients of x and m under the upstream gradient up (B*T, 3C); returns the gated buffer's
+    data_ptr before and after (equal: in place)."""
+    def gated(x, m):
+        qkv = x * 1  # a fresh non-leaf buffer, as the projection's output is
+        q, k, v = gate_rec_queries(qkv, m, B, T, H, R)
+        return torch.cat([t.transpose(1, 2).reshape(B * T, -1) for t in (q, k, v)], dim=-1), qkv, q
+
+    fn = gated
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, m: gated(x, m)[0], fullgraph=True)
+        out = fn(x, m)
+    else:
+        out, qkv, q = gated(x, m)
+        assert q.data_ptr() == qkv.data_ptr()  # q is a view of the gated buffer, no copy
+    ref = _gate_ref(x.double(), m.double(), H, R)
+    got = torch.autograd.grad((out.double() * up.double()).sum(), (x, m))
+    want = torch.autograd.grad((ref * up.double()).sum(), (x, m))
+    for a, b in zip((out,) + got, (ref,) + want):
+        a, b = a.double().cpu(), b.double().cpu()
+        if tol is None:
+            torch.testing.assert_close(a, b, **TOL64)
+        else:
+            assert ((a - b).norm() / b.norm()).item() < tol
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_gate_rec_queries_in_place_matches_reference(compiled):
-    N, H, D, R = 27, 3, 16, 5
-    x = rand(N, 3 * H * D, seed=7).requires_grad_()
-    m = torch.sigmoid(rand(N, seed=8)).requires_grad_()
-    up = torch.randn(N, 3 * H * D, dtype=torch.float64)  # a random upstream gradient
-
-    def gated(x, m):
-        qkv = x * 1.0  # a fresh non-leaf buffer, as the projection's output is
-        ptr = qkv.data_ptr()
-        out = gate_rec_queries_(qkv, m, H, R)
-        return out, ptr
-
-    out, ptr = gated(x, m)
-    assert out.data_ptr() == ptr  # in place
-    if compiled:
-        torch._dynamo.reset()
-        out = torch.compile(lambda x, m: gated(x, m)[0], fullgraph=True)(x, m)
-    ref = _gate_ref(x, m, H, R)
-    torch.testing.assert_close(out, ref, **TOL64)
-    for a, b in zip(torch.autograd.grad((out * up).sum(), (x, m)), torch.autograd.grad((ref * up).sum(), (x, m))):
-        torch.testing.assert_close(a, b, **TOL64)
+def test_gate_rec_queries_matches_reference(compiled):
+    B, T, H, D, R = 3, 9, 3, 16, 5
+    x = rand(B * T, 3 * H * D, seed=7).requires_grad_()
+    m = torch.sigmoid(rand(B * T, seed=8)).requires_grad_()
+    _gate_check(x, m, torch.randn(B * T, 3 * H * D, dtype=torch.float64), B, T, H, R, compiled)
 
 
 _GATE_INTERP_CHECK = """
 import torch
 from attention import rec_gate
-assert rec_gate.INTERPRET and rec_gate._use_kernel(torch.zeros(1))  # the Triton kernels, on the CPU
-from tests.test_ra import _gate_ref
-N, H, D, R = 45, 3, 32, 8  # N not a multiple of BLOCK_ROWS, H * R not a power of 2
+assert rec_gate.INTERPRET and rec_gate._use_kernel(torch.zeros(1))  # the Triton kernel, on the CPU
+from tests.test_ra import _gate_check
+B, T, H, D, R = 3, 15, 3, 32, 8  # B*T not a multiple of BLOCK_ROWS, H * R not a power of 2
 for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 3 * H * D, generator=g).to(dtype).requires_grad_()
-    m = torch.rand(N, generator=g).requires_grad_()
-    up = torch.randn(N, 3 * H * D, generator=g).to(dtype)
-    out = rec_gate.gate_rec_queries_(x * 1, m, H, R)
-    ref = _gate_ref(x.double(), m.double(), H, R)
-    got = torch.autograd.grad((out.float() * up.float()).sum(), (x, m))
-    want = torch.autograd.grad((ref * up.double()).sum(), (x, m))
-    for a, b in zip((out,) + got, (ref,) + want):
-        err = ((a.double() - b).norm() / b.norm()).item()
-        assert err < tol, (dtype, err)
+    x = torch.randn(B * T, 3 * H * D, generator=g).to(dtype).requires_grad_()
+    m = torch.rand(B * T, generator=g).requires_grad_()
+    _gate_check(x, m, torch.randn(B * T, 3 * H * D, generator=g), B, T, H, R, tol=tol)
 print("GATE_INTERP_OK")
 """
 
 
-def test_gate_rec_queries_triton_kernels_interpreter():
-    """The CUDA path's Triton kernels, run on the CPU by Triton's interpreter (in a subprocess:
+def test_gate_rec_queries_triton_kernel_interpreter():
+    """The CUDA path's Triton kernel, run on the CPU by Triton's interpreter (in a subprocess:
     TRITON_INTERPRET must be set before triton is imported)."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -691,33 +696,23 @@ def test_gate_rec_queries_triton_kernels_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gate_rec_queries_cuda(compiled):
-    """The Triton kernels on the GPU (bf16), eager and traced by torch.compile into inductor's graph."""
-    N, H, D, R = 1000, 12, 64, 8
+    """The Triton kernel on the GPU (bf16), eager and traced by torch.compile into inductor's graph."""
+    B, T, H, D, R = 2, 500, 12, 64, 8
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, 3 * H * D, device="cuda", generator=g).bfloat16().requires_grad_()
-    m = torch.rand(N, device="cuda", generator=g).requires_grad_()
-    up = torch.randn(N, 3 * H * D, device="cuda", generator=g).bfloat16()
-    fn = lambda x, m: gate_rec_queries_(x * 1, m, H, R)  # noqa: E731
-    if compiled:
-        torch._dynamo.reset()
-        fn = torch.compile(fn, fullgraph=True)
-    out = fn(x, m)
-    ref = _gate_ref(x.double().cpu(), m.double().cpu(), H, R)
-    got = torch.autograd.grad((out.float() * up.float()).sum(), (x, m))
-    want = torch.autograd.grad((ref * up.double().cpu()).sum(), (x, m))
-    for a, b in zip((out,) + got, (ref,) + want):  # the grads of x, m are on the GPU (where x, m live)
-        a, b = a.double().cpu(), b.double().cpu()
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    x = torch.randn(B * T, 3 * H * D, device="cuda", generator=g).bfloat16().requires_grad_()
+    m = torch.rand(B * T, device="cuda", generator=g).requires_grad_()
+    up = torch.randn(B * T, 3 * H * D, device="cuda", generator=g).bfloat16()
+    _gate_check(x, m, up, B, T, H, R, compiled, tol=1e-2)
 
 
 def test_gate_rec_queries_bad_input():
     qkv = torch.zeros(10, 48)
     with pytest.raises(ValueError, match="m must be"):
-        gate_rec_queries_(qkv, torch.ones(9), 2, 4)
+        gate_rec_queries(qkv, torch.ones(9), 2, 5, 2, 4)
     with pytest.raises(ValueError, match="contiguous"):
-        gate_rec_queries_(qkv.t(), torch.ones(48), 2, 4)
+        gate_rec_queries(qkv.t(), torch.ones(48), 2, 5, 2, 4)
     with pytest.raises(ValueError, match="R=8"):
-        gate_rec_queries_(qkv, torch.ones(10), 2, 8)
+        gate_rec_queries(qkv, torch.ones(10), 2, 5, 2, 8)
 
 
 def test_tokensel_aux_loss_releases_the_forward_graph():
