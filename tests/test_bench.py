@@ -128,3 +128,16 @@ def test_attention_rows_are_cuda_graph_replays(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     for r in rows:
         assert r["status"] == "ok" and r["timing"] == "cuda graph", r
+
+
+def test_step_overhead_tool_needs_a_gpu():
+    """tools/step_overhead.py times GPU steps: without CUDA it stops at once with a clear message."""
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the tool would run for minutes")
+    r = subprocess.run([sys.executable, "tools/step_overhead.py", "--variants", "sdpa"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr

@@ -1,0 +1,116 @@
+"""
+Is a variant's training step slower because of GPU work or because of the host?
+
+    python tools/step_overhead.py --variants sdpa,ra_same_flop                 # host time per phase
+    python tools/step_overhead.py --variants sdpa,ra_same_flop --options default,combo --rounds 5
+
+For every (variant, inductor options) pair it builds bench.py's compiled GPT-2 124M training step
+(batch 16 x 1024, bf16 autocast, fused AdamW, grad clip), then prints
+  * step ms: CUDA events around free-running steps, in --rounds alternating rounds (the first
+    pair is the reference of the paired ratios, as in bench.py --interleave);
+  * host ms per phase (forward call, backward call, grad clip, optimizer): perf_counter around
+    each phase of one step while the GPU is held busy by a sleep kernel, so no launch waits on
+    the GPU. Host time close to the step time means the GPU will wait on the host somewhere.
+Options: default, combo (inductor combo_kernels: independent small kernels fused horizontally),
+cpp (cpp_wrapper: a C++ launcher instead of Python; failed to compile this model with torch 2.11).
+"""
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import build_model, time_ms  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
+OPTIONS = {"default": None, "combo": {"combo_kernels": True}, "cpp": {"cpp_wrapper": True}}
+PHASES = ("fwd", "bwd", "clip", "opt")
+
+
+def make_step(name, cfg, B, T, options, dev):
+    model = build_model(name, cfg).to(dev).train()
+    opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
+    fwd = torch.compile(model, options=OPTIONS[options])
+    aux_loss = torch.compile(model.aux_loss, options=OPTIONS[options])
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (2, B, T), generator=gen).to(dev) for _ in range(4)]
+    it = itertools.count()
+    host = {p: [] for p in PHASES}
+
+    def step(record=False):  # bench.py's train_step, with a clock between the phases
+        i = next(it)
+        x, y = batches[i % 4]
+        t = [time.perf_counter()]
+        model.set_step(i)
+        with torch.autocast(dev.type, torch.bfloat16):
+            _, loss = fwd(x, y, return_logits=False)
+            aux = aux_loss()
+        t.append(time.perf_counter())
+        (loss + aux).backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        if record:
+            for p, a, b in zip(PHASES, t, t[1:]):
+                host[p].append((b - a) * 1e3)
+
+    return step, host
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="sdpa,ra_same_flop")
+    p.add_argument("--options", default="default", help=f"comma list of {', '.join(OPTIONS)}")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per round")
+    p.add_argument("--batch", type=int, default=16)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tools/step_overhead.py needs a CUDA GPU (it times GPU steps and host launch cost)")
+    for o in a.options.split(","):
+        if o not in OPTIONS:
+            sys.exit(f"unknown --options entry {o!r}; use {', '.join(OPTIONS)}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev, T = torch.device("cuda"), 1024
+    cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=T)
+    torch._dynamo.config.cache_size_limit = 64  # every model stays compiled at once
+    built = []
+    for o in a.options.split(","):
+        for name in a.variants.split(","):
+            t0 = time.time()
+            step, host = make_step(name, cfg, a.batch, T, o, dev)
+            for _ in range(3):  # compile, autotune, allocator warm-up
+                step()
+            torch.cuda.synchronize()
+            for _ in range(7):  # host phases: the GPU sleeps ~0.5 s ahead of the host
+                torch.cuda._sleep(int(1e9))
+                step(record=True)
+                torch.cuda.synchronize()
+            print(f"built {name}/{o} in {time.time() - t0:.0f} s", flush=True)
+            built.append((f"{name}/{o}", step, host, []))
+    for r in range(a.rounds):  # rotated order, so drifts of the machine hit every pair alike
+        k = r % len(built)
+        for _, step, _, ms in built[k:] + built[:k]:
+            ms.append(time_ms(step, 2, a.steps, dev))
+    ref = built[0][3]
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {a.batch} x {T}, "
+          f"{a.rounds} rounds x {a.steps} steps\n")
+    print("| variant/options | step ms | x first (paired) [range] | host ms | " + " | ".join(PHASES) + " |")
+    print("|---|---|---|---|" + "---|" * len(PHASES))
+    for label, _, host, ms in built:
+        paired = [m / b for m, b in zip(ms, ref)]
+        h = {p: statistics.median(v) for p, v in host.items()}
+        print(f"| {label} | {statistics.median(ms):.2f} | {statistics.median(paired):.3f} [{min(paired):.3f}, "
+              f"{max(paired):.3f}] | {sum(h.values()):.2f} | " + " | ".join(f"{h[p]:.2f}" for p in PHASES) + " |")
+
+
+if __name__ == "__main__":
+    main()
