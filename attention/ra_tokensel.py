@@ -17,8 +17,8 @@ the reciprocal term, sum_cols dL/dQf_i[rec] * Qf_i[rec], trains the scorer.
 Target fraction: aux_loss = ra_token_penalty * (mean(m_st) - ra_token_frac)^2 with
 m_st = m + g - g.detach(): its value is the true selected fraction (a soft mean(g)
 could sit at the target with no token above 0.5), its gradient moves every g.
-aux_loss() uses up the last forward's selection (call it once per forward, as GPT.aux_loss
-does): a second call returns the same value without a gradient.
+The penalty is computed in the forward; aux_loss() hands it over once (call it once per
+forward, as GPT.aux_loss does): a second call returns the same value without a gradient.
 Scorer init: u ~ N(0, 0.02), c = 0, so about half of the tokens start selected and the
 penalty pulls the fraction to the target.
 
@@ -46,7 +46,8 @@ class TokenSelRA(SameFlopRA):
         self.token_penalty = cfg.ra_token_penalty
         super().__init__(cfg)
         self.scorer = nn.Linear(cfg.n_embd, 1, bias=True)
-        self._sel = None  # straight-through selected fraction of the last forward (for aux_loss)
+        self._sel = None  # the selected fraction of the last forward (a value, for metrics)
+        self._aux = None  # its penalty, with the forward's graph until aux_loss() takes it
         self.reset_parameters()
 
     @torch.no_grad()
@@ -64,22 +65,26 @@ class TokenSelRA(SameFlopRA):
         g = torch.sigmoid(logit)
         m = (g > 0.5).to(g.dtype)
         m = m + g - g.detach()  # forward: the hard 0/1 selection; backward: straight-through to g
-        self._sel = m.mean()
+        sel = m.mean()  # straight-through: the true fraction, with a gradient to every g
+        self._sel = sel.detach()
+        # the penalty is computed here, inside the forward's graph, so its few ops fuse with the scorer's
+        # kernels there (computed in aux_loss, a separate graph, they were ~3 tiny launches per layer)
+        self._aux = self.token_penalty * (sel - self.token_frac) ** 2
         # gate the R reciprocal columns of every head's Qf in place: the rest of [Qf | Kf | V] is not
         # touched (rec_gate.py says how and why)
         return gate_rec_queries(qkv, m.view(B * T), B, T, self.n_head, self.R)  # q, k, v (B, nh, T, hs)
 
     def aux_loss(self):
-        if self._sel is None:
+        if self._aux is None:
             return torch.zeros((), device=self.s_rec.device)
-        sel, self._sel = self._sel, self._sel.detach()
-        # the loss takes the graph of the last forward's selection; the module keeps only its value (for
-        # metrics), else that graph, and the gradient nodes of the scorer's weights with it, would live
-        # on into the next step (which breaks CUDA-graph capture: the nodes belong to the old stream)
-        return self.token_penalty * (sel - self.token_frac) ** 2
+        aux, self._aux = self._aux, self._aux.detach()
+        # the loss takes the graph of the last forward's penalty; the module keeps only its value, else
+        # that graph, and the gradient nodes of the scorer's weights with it, would live on into the
+        # next step (which breaks CUDA-graph capture: the nodes belong to the old stream)
+        return aux
 
     def metrics(self):
         out = super().metrics()
         if self._sel is not None:
-            out["tok_frac"] = self._sel.detach()
+            out["tok_frac"] = self._sel
         return out

@@ -721,8 +721,9 @@ def test_tokensel_aux_loss_releases_the_forward_graph():
     mod = build64("ra_tokensel")
     x = rand(2, 33, 96, seed=5).requires_grad_()
     mod(x)
-    assert mod._sel.grad_fn is not None
+    assert mod._aux.grad_fn is not None and mod._sel.grad_fn is None
     aux = mod.aux_loss()
-    assert aux.requires_grad and mod._sel.grad_fn is None
+    assert aux.requires_grad and mod._aux.grad_fn is None
+    torch.testing.assert_close(aux.detach(), mod.token_penalty * (mod._sel - mod.token_frac) ** 2)
     torch.testing.assert_close(mod.metrics()["tok_frac"], mod._sel)
     assert not mod.aux_loss().requires_grad  # used up until the next forward
