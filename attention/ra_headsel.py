@@ -42,6 +42,7 @@ class HeadSelRA(SameFlopRA):
         self.route_every = cfg.ra_route_every
         super().__init__(cfg)
         self.register_buffer("route", self.live_route().detach())  # persistent: a resumed run keeps its routing
+        self._aux = None  # the L1 term of the last training forward, until aux_loss() takes it
 
     def live_route(self):
         """(nh,) bool: the routing rule applied to the current gates, on the device."""
@@ -63,8 +64,19 @@ class HeadSelRA(SameFlopRA):
         if self.route_every > 0 and step % self.route_every == 0:
             self.route.copy_(self.live_route())  # a device copy: no host sync
 
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            # the L1 term inside the forward's graph: its backward then joins the step's one compiled
+            # backward (from a separately compiled aux_loss, its gradients were extra small launches)
+            self._aux = self.l1 * self.w_rec.mean()
+        return super().forward(x)
+
     def aux_loss(self):
-        return self.l1 * self.w_rec.mean()
+        aux = getattr(self, "_aux", None)  # the last training forward's, handed over once
+        if aux is None:
+            return self.l1 * self.w_rec.mean()
+        self._aux = None
+        return aux
 
     def metrics(self):
         return {"ra_frac": self.rec_on().float().mean(), **super().metrics()}

@@ -727,3 +727,18 @@ def test_tokensel_aux_loss_releases_the_forward_graph():
     torch.testing.assert_close(aux.detach(), mod.token_penalty * (mod._sel - mod.token_frac) ** 2)
     torch.testing.assert_close(mod.metrics()["tok_frac"], mod._sel)
     assert not mod.aux_loss().requires_grad  # used up until the next forward
+
+
+def test_headsel_aux_loss_from_the_forward():
+    # the L1 term is computed in the training forward (one compiled graph with the loss) and handed
+    # over once; without a forward, or on a second call, aux_loss computes it directly
+    mod = build64("ra_headsel", ra_l1=0.5).train()
+    want = 0.5 * mod.w_rec.mean()
+    torch.testing.assert_close(mod.aux_loss(), want)  # no forward yet
+    mod(rand(2, 9, 96, seed=1))
+    assert mod._aux is not None
+    aux = mod.aux_loss()
+    torch.testing.assert_close(aux, want)
+    (g,) = torch.autograd.grad(aux, mod.s_rec)
+    torch.testing.assert_close(g, 0.5 * 2 * mod.s_rec.detach() / mod.s_rec.numel())  # d/ds mean(s^2)
+    assert mod._aux is None and mod.aux_loss().requires_grad
