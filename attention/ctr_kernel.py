@@ -44,8 +44,10 @@ T=2048, 2.09x at T=4096, 3.3x at D=128 (the backward spills registers there); 25
 "atomic" was slower than "fused" everywhere (scalar fp32 red.global per element, register spills);
 a version of it with TMA bulk tile reductions (FlashAttention-3's way of adding dQ) was slower
 still (docs/bench.md, "Tried and dropped").
-Eager (do_bench, host included) the host side of one call costs ~0.65 ms on that VM vs ~0.22 ms for
-SDPA, so small shapes are host-bound unless captured in a CUDA graph.
+Eager (do_bench, host included, B=8 H=12 T=1024 D=64) one forward+backward takes 0.94 ms on that
+VM, 0.80 ms when the same launches are called from a plain autograd.Function (the custom op's
+dispatch, ~0.15 ms), vs 0.25 ms for SDPA: small shapes are host-bound unless compiled or captured
+in a CUDA graph (docs/results/2026-11-25-h100-session4-host-overhead.txt).
 
 Head selection: b_h is read in the kernel; a head with b_h == 0 runs the plain-attention loops
 (no Q_J / K_I tiles, no second product), so it costs plain causal attention forward. Its db_h
