@@ -19,8 +19,8 @@ How, and why this way (each step measured on an H100, GPT-2 124M compiled traini
     and gives dm. So the backward works on dq, SDPA's own fresh gradient: the scaling is a
     pointwise op that inductor fuses into the concat of dq, dk, dv that sdpa's backward has anyway,
     and dm reads only the R columns. (An autograd.Function that mutated qkv with mark_dirty made
-    inductor copy the whole gradient buffer three times; the kernels as ops that call eager torch
-    ops cost ~9 ms per step of host time.)
+    inductor write the whole gradient buffer three extra times; ops that called eager torch ops
+    left the GPU idle ~9 ms per step while the host dispatched them.)
   * The kernel is registered with torch.library.triton_op, which torch.compile traces: inductor
     launches it itself and keeps it in place. Without CUDA (or Triton) the same op runs as torch ops.
 """
@@ -75,7 +75,8 @@ def _gate_fwd_impl(qkv, m, saved, n_head, R):
     N, C3 = qkv.shape
     HR = n_head * R
     if _use_kernel(qkv):
-        wrap = torch.library.wrap_triton if not INTERPRET else (lambda k: k)
+        # wrap_triton (torch >= 2.6) lets torch.compile trace the launch; older torch: call the kernel as is
+        wrap = getattr(torch.library, "wrap_triton", lambda k: k)
         wrap(_gate_fwd_kernel)[_grid(N)](qkv, m, saved, N, C3, D=C3 // 3 // n_head, R=R, HR=HR,
                                              BLOCK_ROWS=BLOCK_ROWS, BLOCK_HR=triton.next_power_of_2(HR))
     else:
@@ -84,7 +85,8 @@ def _gate_fwd_impl(qkv, m, saved, n_head, R):
         rec.mul_(m.view(N, 1, 1).to(qkv.dtype))
 
 
-# the ops: torch.library.triton_op, so torch.compile sees the kernel (one launch by inductor, in place)
+# the op: torch.library.triton_op (torch >= 2.6), so torch.compile sees the kernel (one launch by inductor,
+# in place); older torch: an opaque custom op
 _op = torch.library.triton_op if hasattr(torch.library, "triton_op") else torch.library.custom_op
 
 
