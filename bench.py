@@ -181,6 +181,40 @@ def load_function(where, known):
 # ----------------------------------------------------------------------------
 # timing and rows
 
+def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, compile_options=None):
+    """train.py's training step for `model` (on its device), without grad accumulation and data
+    loading: fused AdamW, forward for the loss only, the modules' aux_loss, grad clip 1.0, over
+    n_inputs random batches (drawn on the CPU, see randn()). train_step(marks=None) appends
+    time.perf_counter() after each phase (forward, backward, clip, optimizer) to marks if given
+    (tools/step_overhead.py)."""
+    dev = next(model.parameters()).device
+    opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
+    fwd = torch.compile(model, options=compile_options) if compiled else model
+    aux_loss = torch.compile(model.aux_loss, options=compile_options) if compiled else model.aux_loss  # as train.py
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (2, B, T), generator=gen).to(dev) for _ in range(n_inputs)]
+    nxt, it = cycle(batches), itertools.count()
+    mark = lambda marks: marks.append(time.perf_counter()) if marks is not None else None  # noqa: E731
+
+    def train_step(marks=None):
+        x, y = nxt()
+        mark(marks)
+        model.set_step(next(it))
+        with autocast():
+            _, loss = fwd(x, y, return_logits=False)  # as train.py
+            aux = aux_loss()
+        mark(marks)
+        (loss + aux).backward()
+        mark(marks)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mark(marks)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark(marks)
+
+    return train_step
+
+
 class Skip(Exception):
     """A variant that does not apply here (missing, not registered, no gate): a reason, not an error."""
 
@@ -506,24 +540,7 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats()
             with (dev if not self.capture_failed else contextlib.nullcontext()):  # on the device: faster; see randn()
                 model = build_model(name, cfg).to(dev).train()
-            opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
-            fwd = torch.compile(model) if compiled else model
-            aux_loss = torch.compile(model.aux_loss) if compiled else model.aux_loss  # as train.py does
-            gen = torch.Generator().manual_seed(0)  # CPU draws, see randn()
-            batches = [torch.randint(0, cfg.vocab_size, (2, B, T), generator=gen).to(dev) for _ in range(a.n_inputs)]
-            nxt, it = cycle(batches), itertools.count()
-
-            def train_step():  # train.py's step, without grad accumulation and data loading
-                x, y = nxt()
-                model.set_step(next(it))
-                with self.autocast():
-                    _, loss = fwd(x, y, return_logits=False)  # as train.py
-                    aux = aux_loss()
-                (loss + aux).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            train_step = make_train_step(model, cfg, B, T, compiled, self.autocast, a.n_inputs)
             t0 = time.perf_counter()
             train_step()  # the first step: compilation, autotuning, allocator growth
             if dev.type == "cuda":

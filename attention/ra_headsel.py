@@ -72,7 +72,9 @@ class HeadSelRA(SameFlopRA):
         return super().forward(x)
 
     def aux_loss(self):
-        aux = getattr(self, "_aux", None)  # the last training forward's, handed over once
+        # the last training forward's, handed over once (getattr: ra_ctr_headsel borrows this method and
+        # computes its L1 here, without a stored one)
+        aux = getattr(self, "_aux", None)
         if aux is None:
             return self.l1 * self.w_rec.mean()
         self._aux = None

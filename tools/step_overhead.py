@@ -16,7 +16,6 @@ cpp (cpp_wrapper: a C++ launcher instead of Python; failed to compile this model
 """
 
 import argparse
-import itertools
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import build_model, time_ms  # noqa: E402
+from bench import build_model, make_train_step, time_ms  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
 OPTIONS = {"default": None, "combo": {"combo_kernels": True}, "cpp": {"cpp_wrapper": True}}
@@ -33,34 +32,18 @@ PHASES = ("fwd", "bwd", "clip", "opt")
 
 
 def make_step(name, cfg, B, T, options, dev):
+    """bench.py's training step for one variant, and the host ms of each of its phases (lists)."""
     model = build_model(name, cfg).to(dev).train()
-    opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
-    fwd = torch.compile(model, options=OPTIONS[options])
-    aux_loss = torch.compile(model.aux_loss, options=OPTIONS[options])
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (2, B, T), generator=gen).to(dev) for _ in range(4)]
-    it = itertools.count()
+    train_step = make_train_step(model, cfg, B, T, True, lambda: torch.autocast(dev.type, torch.bfloat16), 4,
+                                 OPTIONS[options])
     host = {p: [] for p in PHASES}
 
-    def step(record=False):  # bench.py's train_step, with a clock between the phases
-        i = next(it)
-        x, y = batches[i % 4]
-        t = [time.perf_counter()]
-        model.set_step(i)
-        with torch.autocast(dev.type, torch.bfloat16):
-            _, loss = fwd(x, y, return_logits=False)
-            aux = aux_loss()
-        t.append(time.perf_counter())
-        (loss + aux).backward()
-        t.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        t.append(time.perf_counter())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
+    def step(record=False):
+        marks = [] if record else None
+        train_step(marks)
         if record:
-            for p, a, b in zip(PHASES, t, t[1:]):
-                host[p].append((b - a) * 1e3)
+            for p, t0, t1 in zip(PHASES, marks, marks[1:]):
+                host[p].append((t1 - t0) * 1e3)
 
     return step, host
 
