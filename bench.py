@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 
 import attention
+import cuda_graph
 from attention.functional import sdpa_causal
 from model import GPT, GPTConfig
 
@@ -181,27 +182,29 @@ def load_function(where, known):
 # ----------------------------------------------------------------------------
 # timing and rows
 
-def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, compile_options=None):
+def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, compile_options=None, graphed=False,
+                    graph_pool=None):
     """train.py's training step for `model` (on its device), without grad accumulation and data
     loading: fused AdamW, forward for the loss only, the modules' aux_loss, grad clip 1.0, over
     n_inputs random batches (drawn on the CPU, see randn()). train_step(marks=None) appends
     time.perf_counter() after each phase (forward, backward, clip, optimizer) to marks if given
-    (tools/step_overhead.py)."""
+    (tools/step_overhead.py). graphed: as train.py --cuda-graph, the first 3 calls run on a side
+    stream, the 4th records the step as one CUDA graph (in graph_pool, if given) and every call from
+    then on copies its batch into the graph's input buffer and replays it."""
     dev = next(model.parameters()).device
-    opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type)
+    opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type,
+                                    capturable=graphed)
     fwd = torch.compile(model, options=compile_options) if compiled else model
     aux_loss = torch.compile(model.aux_loss, options=compile_options) if compiled else model.aux_loss  # as train.py
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (2, B, T), generator=gen).to(dev) for _ in range(n_inputs)]
     nxt, it = cycle(batches), itertools.count()
     mark = lambda marks: marks.append(time.perf_counter()) if marks is not None else None  # noqa: E731
+    xy = torch.empty_like(batches[0])  # the batch the step reads (a graph reads fixed tensors)
 
-    def train_step(marks=None):
-        x, y = nxt()
-        mark(marks)
-        model.set_step(next(it))
+    def step_body(marks=None):
         with autocast():
-            _, loss = fwd(x, y, return_logits=False)  # as train.py
+            _, loss = fwd(xy[0], xy[1], return_logits=False)  # as train.py
             aux = aux_loss()
         mark(marks)
         (loss + aux).backward()
@@ -209,7 +212,27 @@ def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, compile_opti
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         mark(marks)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+
+    graph = None
+
+    def train_step(marks=None):
+        nonlocal graph
+        xy.copy_(nxt())
+        mark(marks)
+        i = next(it)
+        model.set_step(i)
+        if not graphed:
+            step_body(marks)
+            opt.zero_grad(set_to_none=True)
+        elif marks is not None:
+            raise ValueError("a CUDA-graph step has no host phases to time")
+        elif i < 3:  # warm-up: compile, autotune, allocate, off the capture
+            cuda_graph.run_on_side_stream(step_body)
+            opt.zero_grad(set_to_none=True)
+        else:
+            if graph is None:
+                graph = cuda_graph.capture(step_body, graph_pool)
+            graph.replay()
         mark(marks)
 
     return train_step
@@ -350,6 +373,7 @@ class Bench:
         self.rows, self.dead = [], None  # dead: why the CUDA context can no longer be used
         self.shown = set()  # (variant, error) whose traceback went to stderr already
         self.capture_failed = None  # the row whose CUDA-graph capture failed (it breaks the CUDA RNG)
+        self.step_pool = None  # the memory pool of the training-step graphs (--cuda-graph)
         self.notes = {}  # variant -> what it printed (e.g. "[ra_ctr] CTR kernel unavailable ..."), kept for later rows
 
     def autocast(self):
@@ -528,8 +552,11 @@ class Bench:
     def step(self, name, cfg, B, T, compiled, timed=True):
         """The training step of one variant: build it, run the first step and, if timed, time it.
         Returns (row, train_step) (train_step None if it failed), for --interleave to time later."""
-        rows = self.new_rows("step", "step", "", "model", name, ["compile" if compiled else "eager"], B=B, T=T)
-        row, a, dev = rows[0], self.args, self.device
+        a, dev = self.args, self.device
+        graphed = a.cuda_graph and dev.type == "cuda"
+        passes = ("compile" if compiled else "eager") + ("+graph" if graphed else "")
+        rows = self.new_rows("step", "step", "", "model", name, [passes], B=B, T=T)
+        row = rows[0]
         built = {}
 
         def run():
@@ -540,9 +567,13 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats()
             with (dev if not self.capture_failed else contextlib.nullcontext()):  # on the device: faster; see randn()
                 model = build_model(name, cfg).to(dev).train()
-            train_step = make_train_step(model, cfg, B, T, compiled, self.autocast, a.n_inputs)
+            if graphed and self.step_pool is None:  # one memory pool for every variant's graph (never concurrent)
+                self.step_pool = torch.cuda.graph_pool_handle()
+            train_step = make_train_step(model, cfg, B, T, compiled, self.autocast, a.n_inputs, graphed=graphed,
+                                         graph_pool=self.step_pool)
             t0 = time.perf_counter()
-            train_step()  # the first step: compilation, autotuning, allocator growth
+            for _ in range(4 if graphed else 1):  # compilation, autotuning, allocator growth (and the capture)
+                train_step()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["first_step_s"] = time.perf_counter() - t0
@@ -770,8 +801,8 @@ def summary(bench):
         for n in names:
             m = dict(section="attn", variant=n, kind="module")
             f = get(section="attn", variant=fn_of.get(n, n), kind="function", passes="fwd+bwd")
-            st = get(section="step", variant=n, passes="eager")
-            sc = get(section="step", variant=n, passes="compile")
+            st, sc = (next((r for r in rows if r["section"] == "step" and r["variant"] == n
+                            and r["passes"].split("+")[0] == mode), None) for mode in ("eager", "compile"))
             bad = sorted((status(r) for r in top if r["variant"] in (n, fn_of.get(n)) and status(r) != "ok"),
                          key=lambda s: s.startswith("ok"))  # errors before notices
             lines.append([n, cell(get(**m, passes="fwd")), cell(get(**m, passes="fwd+bwd")), cell(f),
@@ -820,7 +851,9 @@ def meta(args, device):
                                       n_embd=args.n_embd, vocab_size=args.vocab_size)),
                 timing=dict(warmup=args.warmup, reps=args.reps, step_warmup=args.step_warmup,
                             step_reps=args.step_reps, n_inputs=args.n_inputs,
-                            attn="cuda graph replays" if (cuda and args.graphs) else "eager calls"), cfg=args.cfg)
+                            attn="cuda graph replays" if (cuda and args.graphs) else "eager calls",
+                            step="one CUDA graph per step" if (cuda and args.cuda_graph) else "launched from Python"),
+                cfg=args.cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -846,6 +879,8 @@ def parse_args(argv):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="step: also run N steps under torch.profiler and print where the GPU time goes")
     p.add_argument("--no-eager", dest="eager", action="store_false", help="step: only the compiled rows (with --compile)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="step: replay each training step as one CUDA graph, as train.py --cuda-graph (GPU only)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="attn/sweeps: time eager calls with CUDA events instead of CUDA-graph replays")
     p.add_argument("--out", help="write the JSON here (rewritten after every section)")

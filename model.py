@@ -199,8 +199,9 @@ class GPT(nn.Module):
             attn += 6 * T * self.cfg.n_embd * getattr(block.attn, "attn_flop_mult", 1.0)
         return 6 * n + attn
 
-    def configure_optimizer(self, weight_decay, lr, betas, device_type):
-        # decay the >=2-D weights (matmuls, embeddings); not biases, LayerNorms or per-head gates
+    def configure_optimizer(self, weight_decay, lr, betas, device_type, capturable=False):
+        # decay the >=2-D weights (matmuls, embeddings); not biases, LayerNorms or per-head gates.
+        # capturable: step() may be recorded in a CUDA graph (cuda_graph.py); lr must then be a tensor
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -209,7 +210,7 @@ class GPT(nn.Module):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, capturable=capturable, **({"fused": True} if fused else {}))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import attention
+import cuda_graph
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -59,6 +60,7 @@ class TrainConfig:
     ckpt_every: int = 1000  # 0: only at the end and on SIGINT/SIGTERM
     resume: bool = False
     compile: bool = False
+    cuda_graph: bool = False  # replay each optimizer step as one CUDA graph (one GPU; see cuda_graph.py)
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bfloat16 | float16 | float32
     wandb: bool = False
@@ -162,6 +164,15 @@ def check_config(tc, mc):
         raise ValueError(f"--dtype={tc.dtype!r}: use auto, bfloat16, float16 or float32")
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device=cuda but torch sees no CUDA GPU (use --device cpu)")
+    if tc.cuda_graph:
+        if tc.device in ("cpu", "mps") or not torch.cuda.is_available():
+            raise ValueError("--cuda-graph needs a CUDA GPU (it records the training step's kernels); drop it here")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--cuda-graph runs on one GPU; under torchrun drop it (DDP's gradient all-reduce is not "
+                             "captured here)")
+        if tc.dtype == "float16":
+            raise ValueError("--cuda-graph with --dtype float16: the fp16 grad scaler checks for inf on the host every "
+                             "step, which a graph cannot do; use --dtype bfloat16")
     bad = [c for c in tc.run_name if not (c.isalnum() or c in "-_.")]
     if bad:
         raise ValueError(f"--run-name={tc.run_name!r} may use letters, digits, '-', '_' and '.' only")
@@ -275,6 +286,11 @@ def main(argv=None):
         given = {k for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
         tc = TrainConfig(**{**ckpt["train_config"], **{k: getattr(tc, k) for k in given if hasattr(tc, k)}})
         mc = GPTConfig(**ckpt["model_config"])  # the architecture cannot change on resume
+        try:  # the saved values with today's flags: e.g. a --cuda-graph run resumed with --device cpu
+            check_config(tc, mc)
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e} (the saved config is in {run_dir / 'config.json'}; a flag given now "
+                             "overrides it)")
         log(f"resuming {run_name} from step {ckpt['step']}")
 
     # ---- data: prepared on first use (rank 0 prepares, the others wait)
@@ -308,7 +324,8 @@ def main(argv=None):
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = GPT(mc).to(device)
-    optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
+    optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type,
+                                          capturable=tc.cuda_graph)
     # pinned host batches make the copy truly asynchronous; a pageable copy would sync the host every step
     loader = TokenLoader(data_dir, "train", tc.batch_size, mc.block_size, rank=rank, world_size=world, seed=tc.seed,
                          pin_memory=device.type == "cuda")
@@ -320,6 +337,10 @@ def main(argv=None):
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+    if tc.cuda_graph:  # a recorded optimizer step reads its lr from a tensor, refilled before every replay
+        for group in optimizer.param_groups:
+            group["capturable"] = True  # also when the checkpoint was written without --cuda-graph
+            group["lr"] = torch.tensor(tc.lr, device=device)
     raw_model = model
     aux_loss = raw_model.aux_loss
     if tc.compile:
@@ -336,7 +357,7 @@ def main(argv=None):
     flops_per_step = raw_model.flops_per_token(mc.block_size) * tokens_per_step
     peak = peak_flops(device)
     log(f"model: {raw_model.num_params() / 1e6:.2f}M params, attn={mc.attn}, device={device}, dtype={dtype}, "
-        f"world={world}, tokens/step={tokens_per_step}, compile={tc.compile}")
+        f"world={world}, tokens/step={tokens_per_step}, compile={tc.compile}, cuda_graph={tc.cuda_graph}")
 
     wb = setup_wandb(tc, mc, run_dir, run_name) if (tc.wandb and master) else None
     log_file = open(run_dir / "log.jsonl", "a") if master else None
@@ -395,36 +416,64 @@ def main(argv=None):
     interval_time, interval_steps = 0.0, 0
     loss_acc = torch.zeros((), device=device)
     aux_acc = torch.zeros((), device=device)
-    # the checkpoint stores the loader state from BEFORE the prefetched batch, so a resume re-draws it
-    loader_state = loader.state_dict()
-    x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+    grad_norm = torch.zeros((), device=device)
+    # one optimizer step's micro-batches, in fixed device buffers (a CUDA graph reads fixed tensors; one
+    # tensor per micro-step, as views at different offsets could recompile the compiled model)
+    xbs = [torch.empty((tc.batch_size, mc.block_size), dtype=torch.long, device=device) for _ in range(tc.grad_accum)]
+    ybs = [torch.empty_like(x) for x in xbs]
+    loader_state = None
+
+    def load_next_batches():
+        # the checkpoint stores the loader state from BEFORE these batches, so a resume re-draws them
+        nonlocal loader_state
+        loader_state = loader.state_dict()
+        for xb, yb in zip(xbs, ybs):  # ordered after the running step's kernels: the GPU is not waited for
+            x, y = loader.next_batch()
+            xb.copy_(x, non_blocking=True)
+            yb.copy_(y, non_blocking=True)
+
+    def train_step():
+        """One optimizer step on xbs, ybs; --cuda-graph records exactly this. No host sync in here."""
+        for micro in range(tc.grad_accum):
+            sync = (micro == tc.grad_accum - 1)  # DDP all-reduces only on the last micro-step
+            with (model.no_sync() if (ddp and not sync) else nullcontext()):
+                with autocast:
+                    _, loss = model(xbs[micro], ybs[micro], return_logits=False)
+                    aux = aux_loss()
+                scaler.scale((loss + aux) / tc.grad_accum).backward()
+            loss_acc.add_(loss.detach() / tc.grad_accum)
+            aux_acc.add_(aux.detach() / tc.grad_accum)
+        if tc.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm.copy_(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip))
+        scaler.step(optimizer)
+        scaler.update()
+
+    graph = None
+    capture_at = step + 3  # --cuda-graph: steps before this one run normally (compile, autotune, allocate)
+    load_next_batches()
     last_good_ckpt_step = ckpt["step"] if ckpt else None
     status = "done"
     while step < tc.max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if tc.cuda_graph:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         raw_model.set_step(step)
-        for micro in range(tc.grad_accum):
-            sync = (micro == tc.grad_accum - 1)  # DDP all-reduces only on the last micro-step
-            with (model.no_sync() if (ddp and not sync) else nullcontext()):
-                with autocast:
-                    _, loss = model(x, y, return_logits=False)
-                    aux = aux_loss()
-                loader_state = loader.state_dict()
-                x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())  # prefetch while GPU works
-                scaler.scale((loss + aux) / tc.grad_accum).backward()
-            loss_acc += loss.detach() / tc.grad_accum
-            aux_acc += aux.detach() / tc.grad_accum
-        if tc.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
+        if not tc.cuda_graph:
+            train_step()
+            optimizer.zero_grad(set_to_none=True)
+        elif step < capture_at:  # warm-up, on a side stream as a capture needs
+            cuda_graph.run_on_side_stream(train_step)
+            optimizer.zero_grad(set_to_none=True)  # the capture then allocates the grads in the graph's memory
         else:
-            grad_norm = torch.zeros(())
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            if graph is None:
+                graph = cuda_graph.capture(train_step)  # records the kernels; runs nothing
+            graph.replay()
+        load_next_batches()
         step += 1
         interval_steps += 1
 

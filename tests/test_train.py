@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,7 +24,9 @@ TINY = ["--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "2", "--n-head"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
+    # RA_TEST_CORPUS: a folder where this fixture has run before, so its data is prepared (GPU machines
+    # without `datasets`, which data/prepare.py reads text files with)
+    d = Path(os.environ["RA_TEST_CORPUS"]) if os.environ.get("RA_TEST_CORPUS") else tmp_path_factory.mktemp("corpus")
     glob = make_test_corpus(d / "txt", n_docs=40, seed=0)
     return {"dataset": f"files:{glob}", "data_root": str(d / "data")}
 
@@ -60,6 +63,7 @@ def test_help_lists_every_field():
     (["--preset", "huge"], "unknown preset 'huge'; available:"),
     (["--n-embd", "65"], "must be divisible by n_head"),
     (["--tokenizer", "bpe"], "use gpt2 or bytes"),
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA GPU"),
 ])
 def test_bad_cli_input_fails_before_work(args, message, tmp_path):
     t0 = time.time()
@@ -122,6 +126,19 @@ def test_sigterm_checkpoints_then_resume(corpus, tmp_path):
     assert f"resuming sig from step {ckpt_step}" in p2.stdout
 
 
+def test_resume_checks_the_merged_config(corpus, tmp_path):
+    """The saved config and the flags given at resume are checked together: a --cuda-graph run resumed
+    with --device cpu (TINY's) stops with a message instead of replaying a graph that recorded nothing."""
+    run_train(["--max-steps", "2", "--run-name", "merged"], corpus, tmp_path)
+    path = tmp_path / "runs" / "merged" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["train_config"]["cuda_graph"] = True  # as if written by a GPU run with --cuda-graph
+    torch.save(ckpt, path)
+    p = run_train(["--max-steps", "4", "--run-name", "merged", "--resume"], corpus, tmp_path, check=False)
+    assert p.returncode != 0
+    assert "--resume: --cuda-graph needs a CUDA GPU" in p.stderr, p.stderr
+
+
 def test_nonfinite_loss_stops_with_message(corpus, tmp_path):
     p = run_train(["--max-steps", "30", "--run-name", "nan", "--lr", "1e9", "--min-lr", "1e8", "--warmup-steps",
                    "0", "--grad-clip", "0"], corpus, tmp_path, check=False)
@@ -150,3 +167,27 @@ def test_wandb_offline_writes_files(corpus, tmp_path):
               env={"WANDB_MODE": "offline"})
     runs = list((tmp_path / "runs/wb/wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda-graph needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["ra_headsel", "ra_tokensel"])
+def test_cuda_graph_replays_the_same_steps(attn, corpus, tmp_path):
+    """--cuda-graph records the step once and replays it: the losses match a normally launched run's
+    through grad accumulation, the lr schedule and ra_headsel's routing refresh; a graph run that is
+    stopped and resumed (a new capture) matches one that was not."""
+    common = ["--device", "cuda", "--attn", attn, "--compile", "--grad-accum", "2", "--ra-route-every", "3",
+              "--lr-decay-steps", "12"]
+    run_train(["--max-steps", "12", "--run-name", "launched", *common], corpus, tmp_path)
+    run_train(["--max-steps", "12", "--run-name", "graph", "--cuda-graph", *common], corpus, tmp_path)
+    losses = {name: {r["step"]: r["loss"] for r in read_log(tmp_path / f"runs/{name}/log.jsonl") if "loss" in r}
+              for name in ("launched", "graph")}
+    assert sorted(losses["graph"]) == list(range(1, 13))
+    assert losses["graph"][12] < losses["graph"][1]
+    for s in range(1, 13):  # steps 1-3 are the warm-up, 4-12 graph replays
+        assert losses["graph"][s] == pytest.approx(losses["launched"][s], rel=1e-3, abs=1e-4), s
+    if attn == "ra_headsel":
+        run_train(["--max-steps", "7", "--run-name", "split", "--cuda-graph", *common], corpus, tmp_path)
+        p = run_train(["--max-steps", "12", "--run-name", "split", "--resume", "--device", "cuda"], corpus, tmp_path)
+        split = {r["step"]: r["loss"] for r in read_log(tmp_path / "runs/split/log.jsonl") if "loss" in r}
+        for s in range(1, 13):
+            assert split[s] == pytest.approx(losses["graph"][s], rel=1e-3, abs=1e-4), (s, p.stdout[-3000:])

@@ -1,0 +1,46 @@
+"""
+A whole training step as one CUDA graph (train.py --cuda-graph, bench.py --cuda-graph).
+
+Why: a compiled GPT-2 124M step launches 830-1010 kernels (sdpa .. ra_tokensel). On the lent H100
+VMs the host needs 20-30 ms to launch them against a ~36 ms step, so the GPU waits wherever the
+host falls behind, by an amount that changes with the host's speed (docs/bench.md). Captured
+once, the step is replayed with one launch: its time is the GPU's, on any host.
+
+The rules of a captured step (see torch.cuda.graphs):
+  * nothing in it may synchronize the host (no .item(), no data-dependent Python branches);
+  * it works on fixed tensors: copy each new batch into the same input buffers, read results
+    (loss, grad norm) out of buffers that the step fills in place;
+  * the optimizer must be capturable, with its learning rate a device tensor (lr.fill_ between
+    replays), and the grads must not be reset (the replay's first backward overwrites them);
+  * Python-side decisions are frozen at capture: anything that changes between steps has to
+    live in a tensor (ra_headsel's routing is a buffer that set_step updates on the device);
+  * the first steps run normally, on a side stream (run_on_side_stream), so that compilation,
+    autotuning and lazy allocations happen before the capture.
+"""
+
+import torch
+
+
+def run_on_side_stream(fn):
+    """fn() on a new side stream, ordered after the current stream's work and before its next."""
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+    main.wait_stream(side)
+    return out
+
+
+def capture(fn, pool=None):
+    """Record fn's kernels as one torch.cuda.CUDAGraph and return it; nothing runs until .replay().
+    pool: a torch.cuda.graph_pool_handle() shared by graphs that are never replayed concurrently."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
+            "Usually something in the step synchronizes the host (.item(), a data-dependent branch). Run without "
+            "--cuda-graph.") from e
+    return graph
