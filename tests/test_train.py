@@ -66,7 +66,6 @@ def test_help_lists_every_field():
     (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA GPU"),
 ])
 def test_bad_cli_input_fails_before_work(args, message, tmp_path):
-    t0 = time.time()
     p = subprocess.run([sys.executable, "train.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
