@@ -31,7 +31,9 @@ programs. Two schemes, chosen by `bwd=`:
       scale q_x.(dS K)_x and scale k_x.(dS Q)_x), then the column sweep over query blocks I >= X
       (dv, column parts of dk_X, dq_X), recomputing P in both. Work per program is constant
       (T / BLOCK_M steps for every X). 11 tile products per RA block pair (plain heads: 7, like
-      the Triton tutorial) instead of 8, but dq/dk are stored once, in the input dtype.
+      the Triton tutorial) instead of 8, but dq/dk are stored once, in the input dtype. With the
+      forward's 3 that is 14 products against plain attention's 7 (cuDNN adds dQ across programs):
+      at equal tile speed 2.0x, which is where the ratio heads as T grows (docs/bench.md).
   "atomic": one column sweep per program; the row parts of dq_I and dk_I go to fp32 buffers by
       tl.atomic_add (8 tile products per RA pair, 5 for plain heads, like FA2), then a cast.
       Not bitwise deterministic.
