@@ -188,9 +188,9 @@ def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, compile_opti
     loading: fused AdamW, forward for the loss only, the modules' aux_loss, grad clip 1.0, over
     n_inputs random batches (drawn on the CPU, see randn()). train_step(marks=None) appends
     time.perf_counter() after each phase (forward, backward, clip, optimizer) to marks if given
-    (tools/step_overhead.py). graphed: as train.py --cuda-graph, the first 3 calls run on a side
-    stream, the 4th records the step as one CUDA graph (in graph_pool, if given) and every call from
-    then on copies its batch into the graph's input buffer and replays it."""
+    (tools/step_overhead.py). graphed: as train.py --cuda-graph (cuda_graph.graphed: 3 warm-up
+    calls, then the step recorded in graph_pool, if given, and replayed), each call copying its batch
+    into the graph's input buffer first."""
     dev = next(model.parameters()).device
     opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), device_type=dev.type,
                                     capturable=graphed)
@@ -213,26 +213,19 @@ def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, compile_opti
         mark(marks)
         opt.step()
 
-    graph = None
+    graph_step = cuda_graph.graphed(step_body, opt, pool=graph_pool) if graphed else None
 
     def train_step(marks=None):
-        nonlocal graph
         xy.copy_(nxt())
         mark(marks)
-        i = next(it)
-        model.set_step(i)
-        if not graphed:
+        model.set_step(next(it))
+        if graph_step is None:
             step_body(marks)
             opt.zero_grad(set_to_none=True)
         elif marks is not None:
             raise ValueError("a CUDA-graph step has no host phases to time")
-        elif i < 3:  # warm-up: compile, autotune, allocate, off the capture
-            cuda_graph.run_on_side_stream(step_body)
-            opt.zero_grad(set_to_none=True)
         else:
-            if graph is None:
-                graph = cuda_graph.capture(step_body, graph_pool)
-            graph.replay()
+            graph_step()
         mark(marks)
 
     return train_step

@@ -16,6 +16,7 @@ The rules of a captured step (see torch.cuda.graphs):
     live in a tensor (ra_headsel's routing is a buffer that set_step updates on the device);
   * the first steps run normally, on a side stream (run_on_side_stream), so that compilation,
     autotuning and lazy allocations happen before the capture.
+graphed() applies these to a training step; train.py and bench.py both use it.
 """
 
 import torch
@@ -44,3 +45,24 @@ def capture(fn, pool=None):
             "Usually something in the step synchronizes the host (.item(), a data-dependent branch). Run without "
             "--cuda-graph.") from e
     return graph
+
+
+def graphed(step, optimizer, warmup=3, pool=None):
+    """step() (one training step, ending in optimizer.step()) as a callable for every training step:
+    the first `warmup` calls run it on a side stream and then reset the grads to None, so that the
+    capture allocates them in the graph's memory; the next call records it and replays it, and every
+    later call replays it. Between calls, refill the step's inputs in place."""
+    graph, calls = None, 0
+
+    def run():
+        nonlocal graph, calls
+        if calls < warmup:
+            run_on_side_stream(step)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            if graph is None:
+                graph = capture(step, pool)  # records the kernels; runs nothing
+            graph.replay()
+        calls += 1
+
+    return run

@@ -449,8 +449,12 @@ def main(argv=None):
         scaler.step(optimizer)
         scaler.update()
 
-    graph = None
-    capture_at = step + 3  # --cuda-graph: steps before this one run normally (compile, autotune, allocate)
+    def launched_step():
+        train_step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # --cuda-graph: 3 normal steps (compile, autotune, allocate), then train_step recorded and replayed
+    run_step = cuda_graph.graphed(train_step, optimizer) if tc.cuda_graph else launched_step
     load_next_batches()
     last_good_ckpt_step = ckpt["step"] if ckpt else None
     status = "done"
@@ -463,16 +467,7 @@ def main(argv=None):
             else:
                 group["lr"] = lr
         raw_model.set_step(step)
-        if not tc.cuda_graph:
-            train_step()
-            optimizer.zero_grad(set_to_none=True)
-        elif step < capture_at:  # warm-up, on a side stream as a capture needs
-            cuda_graph.run_on_side_stream(train_step)
-            optimizer.zero_grad(set_to_none=True)  # the capture then allocates the grads in the graph's memory
-        else:
-            if graph is None:
-                graph = cuda_graph.capture(train_step)  # records the kernels; runs nothing
-            graph.replay()
+        run_step()
         load_next_batches()
         step += 1
         interval_steps += 1

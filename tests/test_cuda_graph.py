@@ -1,0 +1,42 @@
+"""cuda_graph.graphed's schedule on CPU, with the CUDA parts replaced by recorders: warm-up calls run
+the step and reset the grads, then ONE capture, then a replay on every call. (The graph itself is
+tested on a GPU in tests/test_train.py::test_cuda_graph_replays_the_same_steps.)"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cuda_graph  # noqa: E402
+
+
+def test_graphed_warms_up_then_captures_once_then_replays(monkeypatch):
+    log = []
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    def fake_capture(fn, pool=None):
+        log.append(("capture", pool))
+        return FakeGraph()
+
+    monkeypatch.setattr(cuda_graph, "run_on_side_stream", lambda fn: (log.append("side"), fn()))
+    monkeypatch.setattr(cuda_graph, "capture", fake_capture)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+
+    def step():
+        log.append("step")
+        w.sum().backward()
+        opt.step()
+
+    run = cuda_graph.graphed(step, opt, warmup=2, pool="P")
+    for i in range(2):
+        run()
+        assert w.grad is None  # reset to None after each warm-up: the capture allocates the grads
+    run()
+    run()
+    assert log == ["side", "step", "side", "step", ("capture", "P"), "replay", "replay"]
+    assert torch.allclose(w.detach(), torch.full((3,), 0.8))  # only the warm-up steps ran for real
