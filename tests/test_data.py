@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import tokenizer as tokmod  # noqa: E402
 from data.loader import TokenLoader, load_meta  # noqa: E402
-from data.prepare import PrepareError, dataset_dir, is_val, make_test_corpus, prepare  # noqa: E402
+from data.prepare import PrepareError, dataset_dir, ensure_dataset, is_val, make_test_corpus, prepare  # noqa: E402
 from data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, write_shard  # noqa: E402
 from data.tokenizer import EOT_TEXT, get_tokenizer  # noqa: E402
 
@@ -78,25 +78,77 @@ def test_prepare_is_deterministic_and_max_tokens(corpus, prepared, tmp_path):
     again = prepare(corpus["dataset"], tokenizer="bytes", out_root=tmp_path, val_frac=0.2, shard_size=2000)
     for p in sorted(prepared["bytes"].glob("*.bin")):
         assert (again / p.name).read_bytes() == p.read_bytes(), p.name
-    cut = prepare(corpus["dataset"], tokenizer="bytes", out_root=tmp_path, max_tokens=1234, out_name="cut")
+    cut = prepare(corpus["dataset"], tokenizer="bytes", out_root=tmp_path, max_tokens=4321, out_name="cut")
     meta = load_meta(cut)
     assert cut == tmp_path / "cut" / "bytes"
-    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 1234 and meta["max_tokens"] == 1234
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 4321 and meta["max_tokens"] == 4321
     assert not (tmp_path / "cut" / "bytes.partial").exists()
 
 
-def test_split_by_hash_and_at_least_one_val(tmp_path):
+def test_split_by_hash(tmp_path):
     assert is_val("some document", 0.05) == is_val("some document", 0.05)
     assert not is_val("x", 0.0) and is_val("x", 0.999999)
     docs = [f"document number {i}\n" for i in range(2000)]
     frac = sum(is_val(d, 0.05) for d in docs) / len(docs)
     assert 0.03 < frac < 0.07, frac
-    # two documents that both hash to train: the last one moves to val
-    for i, text in enumerate(["alpha beta\n", "gamma delta\n"]):
-        (tmp_path / f"{i}.txt").write_text(text)
-    d = prepare(f"files:{tmp_path}/*.txt", tokenizer="bytes", out_root=tmp_path / "out", val_frac=0.0)
-    assert load_meta(d)["documents"] == {"train": 1, "val": 1}
-    assert get_tokenizer("bytes").decode(split_tokens(d, "val").tolist()) == EOT_TEXT + "gamma delta\n"
+
+
+def test_val_without_a_window_takes_the_tail_of_train(tmp_path):
+    # one document (a single .txt): val is its last val_frac, cut inside the document
+    text = "".join(f"Line {i} of the only book.\n" for i in range(400))  # ~10k bytes
+    (tmp_path / "book.txt").write_text(text)
+    d = prepare(f"files:{tmp_path}/book.txt", tokenizer="bytes", out_root=tmp_path / "out", val_frac=0.1)
+    meta, t = load_meta(d), get_tokenizer("bytes")
+    total = len(text) + 1
+    assert meta["tokens"]["val"] == meta["val_from_train_tail"] == max(1025, -(-total // 10))
+    assert meta["documents"] == {"train": 1, "val": 0}  # documents counts the documents that start in a split
+    assert t.decode(np.concatenate([split_tokens(d, "train"), split_tokens(d, "val")]).tolist()) == EOT_TEXT + text
+    # two documents that both hash to train: the tail reaches back into the first one
+    docs = ["alpha beta " * 100, "gamma delta " * 50]  # 1,100 and 600 bytes
+    for i, doc in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(doc)
+    d = prepare(f"files:{tmp_path}/[01].txt", tokenizer="bytes", out_root=tmp_path / "out", val_frac=0.0,
+                min_split_tokens=700)
+    meta = load_meta(d)
+    assert meta["tokens"] == {"train": 1002, "val": 700} and meta["documents"] == {"train": 1, "val": 1}
+    assert t.decode(split_tokens(d, "val").tolist()) == docs[0][-99:] + EOT_TEXT + docs[1]
+
+
+def test_refuses_a_split_without_a_window(tmp_path):
+    (tmp_path / "a.txt").write_text("a short note\n" * 100)  # 1,301 bytes: not two windows of 1025
+    with pytest.raises(PrepareError, match=r"1,301 tokens in all are too few .*--min-split-tokens=1,025.*"
+                                           r"block_size \+ 1"):
+        prepare(f"files:{tmp_path}/a.txt", tokenizer="bytes", out_root=tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*"))  # nothing written, not even an empty dataset folder
+    d = prepare(f"files:{tmp_path}/a.txt", tokenizer="bytes", out_root=tmp_path / "out", min_split_tokens=129)
+    assert min(load_meta(d)["tokens"].values()) >= 129
+    # a val fraction that leaves train without a window
+    with pytest.raises(PrepareError, match=r"train split would hold .* lower --val-frac \(now 0.95\)"):
+        prepare(f"files:{tmp_path}/a.txt", tokenizer="bytes", out_root=tmp_path / "out", val_frac=0.95,
+                min_split_tokens=129)
+    p = subprocess.run([sys.executable, "data/prepare.py", f"files:{tmp_path}/a.txt", "--tokenizer", "bytes",
+                        "--out-root", str(tmp_path / "cli"), "--min-split-tokens", "2000"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "--min-split-tokens=2,000" in p.stderr
+    assert not [f for f in (tmp_path / "cli").rglob("*") if not f.is_dir() or any(f.iterdir())]
+
+
+def test_ensure_dataset(corpus, tmp_path):
+    logs = []
+    d = ensure_dataset("synthetic-recall", "bytes", tmp_path, log=logs.append)
+    meta = load_meta(d)
+    assert d == tmp_path / "synthetic-recall" / "bytes" and meta["tokenizer"] == "bytes" and meta["tokens"]["val"] > 0
+    assert ensure_dataset("synthetic-recall", "bytes", tmp_path) == d
+    with pytest.raises(PrepareError, match="synthetic-recall is a bytes dataset.*--tokenizer bytes"):
+        ensure_dataset("synthetic-recall", "gpt2", tmp_path)
+    d = ensure_dataset(corpus["dataset"], "bytes", tmp_path, log=logs.append)
+    assert d == dataset_dir(corpus["dataset"], "bytes", tmp_path) and (d / "meta.json").exists()
+    assert ensure_dataset(corpus["dataset"], "bytes", tmp_path, log=logs.append) == d
+    assert len(logs) == 1 and "preparing" in logs[0]  # prepared once, then found
+    with pytest.raises(PrepareError, match="unknown dataset 'nope'.*prose.*synthetic-TASK"):
+        ensure_dataset("nope", "bytes", tmp_path)
+    with pytest.raises(PrepareError, match="synthetic-nope is generated.*recall, copy"):
+        ensure_dataset("synthetic-nope", "bytes", tmp_path)
 
 
 def test_shakespeare_editions_share_a_split():
@@ -110,7 +162,7 @@ def test_shakespeare_editions_share_a_split():
 
 def test_files_jsonl_and_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n" + json.dumps({"text": "second"}) + "\n")
-    d = prepare(f"files:{tmp_path}/*.jsonl", tokenizer="bytes", out_root=tmp_path / "out")
+    d = prepare(f"files:{tmp_path}/*.jsonl", tokenizer="bytes", out_root=tmp_path / "out", min_split_tokens=4)
     assert sum(load_meta(d)["documents"].values()) == 2
     with pytest.raises(PrepareError, match="matches no files"):
         prepare(f"files:{tmp_path}/*.nothing", tokenizer="bytes", out_root=tmp_path / "out")
