@@ -17,7 +17,7 @@ Sections (each a markdown table on stdout; all rows also in --out JSON):
   step   the full GPT: forward + backward + grad clip 1.0 + AdamW (fused on CUDA) step, bf16
          autocast, on random token batches; eager, and torch.compile(model) with --compile.
   sweep  R: ra_same_flop and the roadmap's unfused form at ra_R in 4, 8, 12, 16;
-         T: every variant at T, 2T, 4T; heads: *headsel variants with 0/25/50/100% RA heads.
+         T: every variant at T, 2T, 4T; heads: head_selective variants with 0/25/50/100% RA heads.
          Sweeps time the attention module and function (as the attn section does).
 
 The arithmetic:
@@ -37,11 +37,8 @@ The arithmetic:
 
 Variants come from attention.names() (new names are picked up without editing this file) plus
 `roadmap_unfused` defined below. One that cannot be built or run is reported in its row.
-Hook for the heads sweep: a module that has `set_ra_heads(mask)` (mask: bool [H], True = RA head)
-gets that call; otherwise its gate w_rec (a parameter `w_rec`, or `s_rec` with w_rec = s_rec^2 as in
-ra_same_flop.py) is set to ra_threshold + 0.2 on RA heads and ra_threshold - 0.1 (>= 0) on the
-others, set_step(0) refreshes a cached routing, and `w_rec >= ra_threshold` is checked; a module
-with no gate is skipped.
+The heads sweep runs every registered variant that declares `head_selective` and sets its RA heads
+with `set_heads_mask(mask)` (mask: bool [H], True = RA head; the contract in attention/__init__.py).
 """
 
 import argparse
@@ -144,6 +141,8 @@ FUNCTIONS = [
     ("roadmap_unfused", "roadmap_unfused", lambda q, k, v, ex: roadmap_unfused_attention(q, k, v, ex["R"], ex["backend"]), 1.0),
     ("ctr_attention", "ra_ctr", "attention.ctr_kernel:ctr_attention", 1.5),
 ]
+# functions that only run on a CUDA GPU: elsewhere their rows say skipped and why, instead of an error
+GPU_ONLY = {"ctr_attention": "the CTR kernel is a Triton GPU kernel (the ra_ctr module rows time its PyTorch path)"}
 
 
 def function_extras(cfg, D, device, dtype):
@@ -509,6 +508,8 @@ class Bench:
         dev, H, D = self.device, cfg.n_head, cfg.head_dim
 
         def run():
+            if label in GPU_ONLY and dev.type != "cuda":
+                raise Skip(f"no CUDA GPU: {GPU_ONLY[label]}")
             ex = function_extras(cfg, D, dev, self.dtype)
             fn = load_function(where, ex)
             try:
@@ -669,47 +670,36 @@ def sweep_T(bench, names, cfg, B, T):
                        dataclasses.replace(cfg, block_size=t), B, t)
 
 
-def ra_heads_setter(mask, threshold):
-    """Make the heads in mask (bool [H]) RA heads: set_ra_heads(mask) if the module has it, else its
-    gate w_rec (a parameter, or w_rec = s_rec^2 as in ra_same_flop.py) to threshold + 0.2 / - 0.1."""
+def ra_heads_setter(mask):
+    """Make the heads in mask (bool [H]) RA heads, through the module's set_heads_mask(mask)."""
     def prepare(mod):
-        mask_d = mask.to(next(mod.parameters()).device)
-        if hasattr(mod, "set_ra_heads"):
-            mod.set_ra_heads(mask_d)
-        else:
-            params = dict(mod.named_parameters())
-            name = next((n for n in ("w_rec", "s_rec") if n in params), None)
-            if name is None:
-                raise Skip("no per-head gate: no set_ra_heads(mask), no parameter w_rec or s_rec")
-            p = params[name]
-            if p.shape != mask.shape:
-                raise Skip(f"{name} has shape {tuple(p.shape)}, expected ({mask.numel()},)")
-            w = torch.where(mask_d, threshold + 0.2, max(threshold - 0.1, 0.0))
-            with torch.no_grad():
-                p.copy_(w if name == "w_rec" else w.sqrt())
-        if hasattr(mod, "set_step"):
-            mod.set_step(0)  # refreshes a routing cached every ra_route_every steps
-        w_rec = getattr(mod, "w_rec", None)
-        if torch.is_tensor(w_rec) and not torch.equal(w_rec.detach() >= threshold, mask_d):
-            raise Skip(f"setting the gate did not give {int(mask.sum())} RA heads (w_rec={w_rec.tolist()})")
+        mod.set_heads_mask(mask.to(next(mod.parameters()).device))
     return prepare
+
+
+def head_selective_names():
+    """The registered variants that declare head_selective (attention/__init__.py), in registry order;
+    one whose module cannot be imported here is left out."""
+    out = []
+    for name in attention.names():
+        try:
+            if attention.get_class(name).head_selective:
+                out.append(name)
+        except ImportError:
+            pass
+    return out
 
 
 def sweep_heads(bench, names, cfg, B, T):
     bench.attn_module("sweep_heads", "sweep_heads", "", "sdpa", cfg, B, T)
-    wanted = dict.fromkeys(["ra_headsel", "ra_ctr_headsel"] + [n for n in variant_names() if "headsel" in n])
-    for name in wanted:
+    for name in head_selective_names():
         if bench.args.variants and name not in names:
             continue
         for frac in (0.0, 0.25, 0.5, 1.0):
             k = round(frac * cfg.n_head)
-            setting = f"ra_heads={k}/{cfg.n_head}"
-            if name not in variant_names():
-                bench.not_registered("sweep_heads", setting, name)
-                continue
             mask = torch.arange(cfg.n_head) < k
-            bench.attn_module("sweep_heads", "sweep_heads", setting, name, cfg, B, T,
-                              prepare=ra_heads_setter(mask, cfg.ra_threshold))
+            bench.attn_module("sweep_heads", "sweep_heads", f"ra_heads={k}/{cfg.n_head}", name, cfg, B, T,
+                              prepare=ra_heads_setter(mask))
 
 
 SWEEPS = {"R": sweep_R, "T": sweep_T, "heads": sweep_heads}

@@ -34,13 +34,17 @@ class GPTConfig:
     # --- reciprocal attention (RA) options; see attention/ra_*.py ---
     ra_R: int = 8  # rank of the reciprocal channel (last R dims of each head)
     ra_fused: bool = True  # fold the reciprocal channel into the QKV weight
-    ra_w_std_init: float = 0.5  # initial per-head weight of the standard term
-    ra_w_rec_init: float = 0.3  # initial per-head weight of the reciprocal term
-    ra_l1: float = 1e-2  # L1 weight on mean(w_rec) (head-selective variants)
-    ra_threshold: float = 0.1  # heads with w_rec below this become plain heads
+    # defaults: every variant starts as close to sdpa's function as its math allows, and the
+    # head gates survive a short rung unless the task moves them (docs/fair-starts.md says why;
+    # the roadmap's starting values were w_std 0.5, l1 1e-2, threshold 0.1, token penalty 1.0)
+    ra_w_std_init: float = 1.0  # initial per-head weight of the standard term (1: sdpa's strength)
+    ra_w_rec_init: float = 0.3  # initial per-head weight of the reciprocal term (same-FLOP) / |b| (ra_ctr_headsel)
+    ra_b_init: float = 0.0  # initial b of exact RA (ra_exact, ra_ctr): 0 is sdpa, and b still gets a gradient
+    ra_l1: float = 1e-5  # L1 weight on mean(w_rec) (head-selective variants)
+    ra_threshold: float = 1e-3  # heads with w_rec below this become plain heads
     ra_route_every: int = 0  # 0: route on the device every step; N: refresh the routing every N steps
     ra_token_frac: float = 0.2  # target fraction of tokens that use the reciprocal channel
-    ra_token_penalty: float = 1.0  # weight of the token-fraction penalty
+    ra_token_penalty: float = 0.01  # weight of the token-fraction penalty
     ra_quant: str = "none"  # none|int8 (|fp8 for the CTR kernel): precision of the reciprocal channel
 
     @property
@@ -175,6 +179,23 @@ class GPT(nn.Module):
                     sums[k] = sums.get(k, 0.0) + v
         for k, v in sums.items():
             out[f"attn/mean/{k}"] = v / len(self.transformer.h)
+        return out
+
+    def gate_values(self):
+        """Per-head gate values of every layer, {'l{i}/{gate}': [float per head]} ({} for sdpa): where
+        reciprocity survives. One host sync for all of them: only call this when logging."""
+        keys, flat = [], []
+        for i, block in enumerate(self.transformer.h):
+            for k, v in block.attn.gates().items():
+                keys.append((f"l{i}/{k}", v.numel()))
+                flat.append(v.detach().float().reshape(-1))
+        if not flat:
+            return {}
+        values = torch.cat(flat).tolist()  # the one sync
+        out, at = {}, 0
+        for k, n in keys:
+            out[k] = values[at:at + n]
+            at += n
         return out
 
     def set_step(self, step):

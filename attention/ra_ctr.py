@@ -5,9 +5,10 @@ ra_ctr: exact reciprocal attention (RA) through the CTR Triton kernel (attention
 
 Same projections as sdpa (one fused QKV linear c_attn, c_proj with the scaled residual init), plus
 two learnable per-head weights: a (standard term) and b (reciprocal term). Init: a = 1 and
-b = cfg.ra_w_rec_init, so with b = 0 a head is exactly the sdpa baseline and the reciprocal term
-starts as a perturbation of it (ra_w_std_init is not used: scaling the standard term below 1 would
-only flatten the initial attention).
+b = cfg.ra_b_init (default 0): with b = 0 a head is exactly the sdpa baseline, and b still gets a
+gradient (the score is linear in b; the kernel computes db at b = 0 unless db_at_zero=False), so
+the reciprocal term grows from sdpa as far as the task asks (docs/fair-starts.md). ra_w_std_init is
+not used: scaling the standard term below 1 would only flatten the initial attention.
 
 On CUDA with Triton the fused CTR kernel runs (1.5x the attention matmuls of plain causal attention,
 hence attn_flop_mult = 1.5); elsewhere (CPU, no Triton, attention dropout in training) the exact
@@ -19,15 +20,24 @@ head-selective gate that zeroes b on some heads; the kernel runs heads whose b i
 cost of plain attention. `kernel_kwargs` is passed to ctr_attention (e.g. db_at_zero=False).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
 from attention.ctr_kernel import reciprocal_attention_any
 from attention.functional import merge_heads, split_heads
+from attention.ra_exact import perturb_ab_
 
 
 class CTRReciprocalAttention(nn.Module):
+    # the contract (attention/__init__.py); a, b unconstrained, b_abs = mean |b| (metrics)
+    ra_family = True
     attn_flop_mult = 1.5
+    options = ("ra_b_init", "ra_quant")  # ra_quant: only "none" is implemented
+    b_init_field = "ra_b_init"  # the GPTConfig field b starts at (ra_ctr_headsel: its gate's init)
+    gate_ranges = {"a": (-math.inf, None), "b": (-math.inf, None), "b_abs": (0.0, None)}
+    head_selective = False
 
     def __init__(self, cfg):
         super().__init__()
@@ -36,19 +46,19 @@ class CTRReciprocalAttention(nn.Module):
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
         self.dropout = cfg.dropout
-        self.w_rec_init = cfg.ra_w_rec_init
+        self.b_init = float(getattr(cfg, self.b_init_field))
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_proj = True  # GPT-2 scaled init
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.a = nn.Parameter(torch.ones(cfg.n_head))
-        self.b = nn.Parameter(torch.full((cfg.n_head,), float(cfg.ra_w_rec_init)))
+        self.b = nn.Parameter(torch.full((cfg.n_head,), self.b_init))
         self.kernel_kwargs = {}
 
     def reset_parameters(self):
         with torch.no_grad():
             self.a.fill_(1.0)
-            self.b.fill_(self.w_rec_init)
+            self.b.fill_(self.b_init)
 
     def head_weights(self):
         """Per-head (a, b), each (H,): the weights of the standard and the reciprocal term."""
@@ -63,3 +73,9 @@ class CTRReciprocalAttention(nn.Module):
 
     def metrics(self):
         return {"b_abs": self.b.detach().abs().mean()}
+
+    def gates(self):
+        return {"a": self.a.detach(), "b": self.b.detach()}  # each (nh,)
+
+    def perturb_gates_(self, generator):
+        perturb_ab_(self.a, self.b, generator)

@@ -14,12 +14,15 @@ choice takes Dqk != Dv; a forced flash or cuDNN backend (sdpa_backend) gets V pa
 to 2D instead (reciprocal_attention_padded_v: 2x FLOPs, still one fused kernel).
 
 a, b: learnable per head, unconstrained (a negative b, "anti-reciprocal", is allowed:
-the folded product needs no square root). Init a = ra_w_std_init, b = ra_w_rec_init,
-the same knobs and values as the same-FLOP variants, so one flag sets every RA
-variant's start; --ra_w_std_init 1 starts the standard term at baseline strength.
+the folded product needs no square root). Init a = ra_w_std_init (default 1), b = ra_b_init
+(default 0): the module then computes exactly sdpa's function, and b still gets a gradient
+(s_ij is linear in b), so the reciprocal term grows only as far as the task asks for it
+(docs/fair-starts.md). --ra-w-std-init 0.5 --ra-b-init 0.3 is the roadmap's start.
 Attention-probability dropout is not applied (the fused call has no dropout
 argument); residual dropout is.
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -29,8 +32,23 @@ from attention.functional import (
 )
 
 
+@torch.no_grad()
+def perturb_ab_(a, b, generator):
+    """Exact RA's gates for the causality test: a in [0.5, 1.5]; b of either sign with |b| in [0.3, 1], away
+    from b = 0 (no reciprocal term). a, b: (nh,) parameters, set in place."""
+    n = a.numel()
+    a.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=generator))
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    b.copy_(sign * torch.empty(n).uniform_(0.3, 1.0, generator=generator))
+
+
 class ExactRA(nn.Module):
+    # the contract (attention/__init__.py); a, b unconstrained
+    ra_family = True
     attn_flop_mult = 1.5  # QK^T over 2D dims (2x) + PV over D dims (1x), vs 1 + 1
+    options = ("sdpa_backend", "ra_w_std_init", "ra_b_init")
+    gate_ranges = {"a": (-math.inf, None), "b": (-math.inf, None)}
+    head_selective = False
 
     def __init__(self, cfg):
         super().__init__()
@@ -38,7 +56,7 @@ class ExactRA(nn.Module):
         self.n_embd = cfg.n_embd
         self.backend = cfg.sdpa_backend
         self.a_init = cfg.ra_w_std_init
-        self.b_init = cfg.ra_w_rec_init
+        self.b_init = cfg.ra_b_init
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_proj = True  # GPT-2 scaled init
@@ -65,3 +83,9 @@ class ExactRA(nn.Module):
 
     def metrics(self):
         return {"a": self.a.detach().mean(), "b": self.b.detach().mean()}
+
+    def gates(self):
+        return {"a": self.a.detach(), "b": self.b.detach()}  # each (nh,)
+
+    def perturb_gates_(self, generator):
+        perturb_ab_(self.a, self.b, generator)

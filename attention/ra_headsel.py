@@ -23,6 +23,13 @@ Routing rule:
     is the only way to bring it back. Switching off is a discrete change of the head's
     function (R dims swap from reciprocal to standard); the L1 makes it a pruning of
     heads that did not earn their reciprocal channel.
+  * defaults (ra_w_rec_init 0.3, ra_threshold 1e-3, ra_l1 1e-5): s_rec is 1-D (no weight
+    decay) and AdamW moves a parameter whose gradient keeps its sign by about lr per step,
+    whatever the gradient's size. An L1 above the task's gradient on s_rec (which starts
+    tiny: the reciprocal term is second order in the small W) is then a timer that switches
+    every head off on the same step. So the L1 is kept small, and sqrt(0.3) - sqrt(1e-3) =
+    0.52 is more than the sum of lr over a 1400-step rung at lr 6e-4 (0.46): no head can be
+    switched off within such a rung; longer runs decide. docs/fair-starts.md has the runs.
 metrics(): ra_frac (fraction of RA heads in the routing in use), w_rec and w_std means.
 """
 
@@ -32,6 +39,10 @@ from attention.ra_same_flop import SameFlopRA
 
 
 class HeadSelRA(SameFlopRA):
+    # the contract (attention/__init__.py); ra_on: per head, 1 if the head is an RA head in the routing in use
+    options = SameFlopRA.options + ("ra_l1", "ra_threshold", "ra_route_every")
+    gate_ranges = {**SameFlopRA.gate_ranges, "ra_frac": (0.0, 1.0), "ra_on": (0.0, 1.0)}
+    head_selective = True
     name = "ra_headsel"
 
     def __init__(self, cfg):
@@ -82,3 +93,24 @@ class HeadSelRA(SameFlopRA):
 
     def metrics(self):
         return {"ra_frac": self.rec_on().float().mean(), **super().metrics()}
+
+    def gates(self):
+        return {**super().gates(), "ra_on": self.rec_on().detach().float()}  # each (nh,)
+
+    @torch.no_grad()
+    def perturb_gates_(self, generator):
+        super().perturb_gates_(generator)
+        # every head an RA head: w_rec at least 0.2 above the threshold
+        w_rec = self.threshold + torch.empty(self.s_rec.shape).uniform_(0.2, 1.0, generator=generator)
+        self.s_rec.copy_(w_rec.clamp(min=0).sqrt())
+        self.route.copy_(self.live_route())
+
+    @torch.no_grad()
+    def set_heads_mask(self, mask):
+        """Make exactly the heads in mask ((nh,) bool, True = RA head) RA heads: w_rec = threshold + 0.2
+        on them, threshold - 0.1 (>= 0) on the others; the stored routing follows."""
+        if self.threshold <= 0 and not bool(mask.all()):
+            raise ValueError(f"{self.name}: ra_threshold={self.threshold} <= 0: every head is an RA head (w_rec >= 0)")
+        w_rec = torch.where(mask, self.threshold + 0.2, max(self.threshold - 0.1, 0.0))
+        self.s_rec.copy_(w_rec.to(self.s_rec.dtype).sqrt())
+        self.route.copy_(self.live_route())

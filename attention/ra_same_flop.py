@@ -13,7 +13,12 @@ reciprocal channel, through a low-rank W (D, R) shared by the heads of the layer
 Per-head weights: the module learns amplitudes s_std, s_rec (H,) and w = s^2. This
 keeps w >= 0 without a clamp (which would kill the gradient at 0) or abs/sqrt
 (whose gradient blows up as w -> 0), and the fold below needs s, never sqrt(w).
-Init: s = sqrt(ra_w_std_init), sqrt(ra_w_rec_init); W ~ N(0, 0.02).
+Init: s = sqrt(ra_w_std_init), sqrt(ra_w_rec_init); W ~ N(0, 0.02). The defaults (w_std = 1,
+w_rec = 0.3) start as close to sdpa as this math allows: the standard term at sdpa's strength, so
+the only difference is the R standard dims the channel replaces (w_std = 1 is the least-squares
+best scale for the D-R that remain) plus a reciprocal term that is second order in the small W
+(about 1% of the logits of GPT-2 124M at init). w_rec > 0 because s_rec = 0 has no gradient
+(d w/d s = 2 s) and W's gradient is proportional to w_rec. docs/fair-starts.md has the measurements.
 
 Fused path (ra_fused, the default): K @ W = x @ (Wk_h^T W) + bk_h W, so the reciprocal
 channel is just different rows of the QKV weight. Each forward folds W and the
@@ -44,7 +49,12 @@ from attention.functional import (
 
 
 class SameFlopRA(nn.Module):
+    # the contract (attention/__init__.py)
+    ra_family = True
     attn_flop_mult = 1.0  # the reciprocal channel lives inside the head dim
+    options = ("sdpa_backend", "ra_R", "ra_fused", "ra_w_std_init", "ra_w_rec_init", "ra_quant")
+    gate_ranges = {"w_std": (0.0, None), "w_rec": (0.0, None)}  # w = s^2
+    head_selective = False
     name = "ra_same_flop"
 
     def __init__(self, cfg):
@@ -132,3 +142,12 @@ class SameFlopRA(nn.Module):
 
     def metrics(self):
         return {"w_std": self.w_std.detach().mean(), "w_rec": self.w_rec.detach().mean()}
+
+    def gates(self):
+        return {"w_std": self.w_std.detach(), "w_rec": self.w_rec.detach()}  # each (nh,)
+
+    @torch.no_grad()
+    def perturb_gates_(self, generator):
+        # amplitudes in [0.5, 1.5]: w in [0.25, 2.25], well away from w_rec = 0 (no reciprocal term)
+        for s in (self.s_std, self.s_rec):
+            s.copy_(torch.empty(s.shape).uniform_(0.5, 1.5, generator=generator))

@@ -15,6 +15,8 @@ beta: one learnable scalar per layer, init 0, so the model starts as the baselin
 FLOPs are 2x the baseline's.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,7 +25,12 @@ from attention.functional import merge_heads, sdpa_causal, split_heads
 
 
 class SwapRA(nn.Module):
+    # the contract (attention/__init__.py); beta: (1,), one per layer, unconstrained (tanh bounds the mix)
+    ra_family = True
     attn_flop_mult = 2.0  # two full causal attentions
+    options = ("sdpa_backend",)
+    gate_ranges = {"beta": (-math.inf, None)}
+    head_selective = False
 
     def __init__(self, cfg):
         super().__init__()
@@ -54,3 +61,12 @@ class SwapRA(nn.Module):
 
     def metrics(self):
         return {"beta": self.beta.detach()[0]}
+
+    def gates(self):
+        return {"beta": self.beta.detach()}  # (1,)
+
+    @torch.no_grad()
+    def perturb_gates_(self, generator):
+        # either sign, |beta| in [0.5, 1.5]: away from beta = 0 (no swapped branch)
+        sign = -1.0 if torch.rand(1, generator=generator).item() < 0.5 else 1.0
+        self.beta.copy_(sign * torch.empty(1).uniform_(0.5, 1.5, generator=generator))

@@ -2,13 +2,15 @@
 ra_tokensel: same-FLOP RA (ra_same_flop.py) whose reciprocal channel each query token
 switches on or off by itself.
 
-A light scorer reads only token i's own block input x_i (B, T, C):
-    g_i = sigmoid(x_i . u + c),   m_i = 1[g_i > 0.5]
+A light scorer reads only token i's own block input x_i (B, T, C), through a stop-gradient:
+    g_i = sigmoid(sg(x_i) . u + c),   m_i = 1[g_i > 0.5]
 and m_i gates the R reciprocal columns of query i:
     Qf_i = [s_std q_i[:D-R], m_i * s_rec k_i W]        Kf unchanged
     => s_ij = w_std q_i[:D-R].k_j[:D-R] + m_i w_rec (k_i W).(q_j W)
 A selected token attends with RA scores; an unselected one with the standard
-D-R dims only. The decision is a threshold on g_i, never a top-k over the sequence,
+D-R dims only (its R dims cannot go back to the standard term, as a plain head's do
+in ra_headsel: the keys' R columns carry s_rec q_j W for the selected queries of the same
+SDPA call). The decision is a threshold on g_i, never a top-k over the sequence,
 in which later tokens would decide an earlier token's path (breaking causality).
 
 Gating: straight-through. The forward uses the hard m_i (the selection a sparse kernel
@@ -21,6 +23,15 @@ The penalty is computed in the forward; aux_loss() hands it over once (call it o
 forward, as GPT.aux_loss does): a second call returns the same value without a gradient.
 Scorer init: u ~ N(0, 0.02), c = 0, so about half of the tokens start selected and the
 penalty pulls the fraction to the target.
+
+Why sg(x) and a small penalty weight (default ra_token_penalty 0.01): the gate is a router,
+and neither its penalty nor its straight-through estimate should train the representation.
+Through x, every layer's penalty pushes every token's x_i along -u (one direction for all
+tokens, so it does not average out): at weight 1.0 that outweighs the task's gradient on the
+shared weights early in training. With sg(x) the penalty moves only u and c; a large weight
+would still dominate the global gradient norm (clipped), scaling the task's gradient down.
+AdamW moves u and c at about lr per step whatever the weight, so 0.01 still brings the
+fraction to the target quickly. docs/fair-starts.md has the measurements.
 
 Cost: the scorer is a (C -> 1) dot product per token, written as multiply-and-sum so
 torch.compile makes it one row reduction; the gate scales the R reciprocal columns of Qf
@@ -37,6 +48,10 @@ from attention.ra_same_flop import SameFlopRA
 
 
 class TokenSelRA(SameFlopRA):
+    # the contract (attention/__init__.py); tok_frac: (1,), the selected fraction of the last forward
+    # (in gates() only after a forward)
+    options = SameFlopRA.options + ("ra_token_frac", "ra_token_penalty")
+    gate_ranges = {**SameFlopRA.gate_ranges, "tok_frac": (0.0, 1.0)}
     name = "ra_tokensel"
 
     def __init__(self, cfg):
@@ -61,7 +76,9 @@ class TokenSelRA(SameFlopRA):
         B, T, _ = x.shape
         # the (C -> 1) scorer as a multiply-and-sum rather than a GEMM: compiled, it is one fused
         # row reduction over x (a 1-column GEMM would be its own cuBLAS call, forward and backward)
-        logit = (x * self.scorer.weight[0]).sum(-1) + self.scorer.bias  # (B, T): token i's own state only
+        # x.detach(): the router's penalty and straight-through gradient train the scorer, not the
+        # residual stream (see the module docstring)
+        logit = (x.detach() * self.scorer.weight[0]).sum(-1) + self.scorer.bias  # (B, T): token i's own state only
         g = torch.sigmoid(logit)
         m = (g > 0.5).to(g.dtype)
         m = m + g - g.detach()  # forward: the hard 0/1 selection; backward: straight-through to g
@@ -88,3 +105,18 @@ class TokenSelRA(SameFlopRA):
         if self._sel is not None:
             out["tok_frac"] = self._sel
         return out
+
+    def gates(self):
+        out = super().gates()
+        if self._sel is not None:
+            out["tok_frac"] = self._sel.detach().view(1)
+        return out
+
+    @torch.no_grad()
+    def perturb_gates_(self, generator):
+        super().perturb_gates_(generator)
+        # scorer logits x.u + c of about unit scale on the LayerNormed input (|x_c| ~ 1), centred at 0:
+        # about half of the tokens selected, and the selection varies from token to token
+        C = self.scorer.weight.size(1)
+        self.scorer.weight.copy_(torch.randn(self.scorer.weight.shape, generator=generator) / C ** 0.5)
+        self.scorer.bias.zero_()

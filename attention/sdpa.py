@@ -14,6 +14,13 @@ from attention.functional import merge_heads, sdpa_causal, split_heads
 
 
 class CausalSelfAttention(nn.Module):
+    # the contract (attention/__init__.py): the baseline, no gates
+    ra_family = False
+    attn_flop_mult = 1.0
+    options = ("sdpa_backend",)
+    gate_ranges = {}
+    head_selective = False
+
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
@@ -30,3 +37,9 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         y = sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
+
+    def gates(self):
+        return {}
+
+    def perturb_gates_(self, generator):
+        pass

@@ -166,13 +166,13 @@ def test_ra_ctr_module_cpu():
     blk = model.transformer.h[0].attn
     assert blk.attn_flop_mult == 1.5
     a, b = blk.head_weights()
-    assert torch.allclose(a, torch.ones(2)) and torch.allclose(b, torch.full((2,), cfg.ra_w_rec_init))
+    assert torch.allclose(a, torch.ones(2)) and torch.allclose(b, torch.full((2,), cfg.ra_b_init))
     idx = torch.randint(0, 64, (2, 20))
     _, loss = model(idx, idx)
     loss.backward()
     assert blk.b.grad is not None and blk.a.grad is not None and torch.isfinite(blk.b.grad).all()
     m = model.metrics()
-    assert "attn/mean/b_abs" in m and abs(m["attn/mean/b_abs"] - cfg.ra_w_rec_init) < 1e-6
+    assert "attn/mean/b_abs" in m and abs(m["attn/mean/b_abs"] - abs(cfg.ra_b_init)) < 1e-6
 
     # the module computes exact RA: with b = 0 it is the sdpa baseline
     x = torch.randn(2, 20, 32)

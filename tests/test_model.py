@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import attention
 from model import GPT, GPTConfig
@@ -66,12 +67,29 @@ def test_aux_loss_zero_for_baseline_and_generate():
     assert int(out.max()) < 101  # never samples a padding id
 
 
-def test_flops_per_token():
-    cfg = tiny()
-    model = GPT(cfg)
-    n = model.num_params()
-    expected = 6 * n + cfg.n_layer * 6 * cfg.block_size * cfg.n_embd
-    assert model.flops_per_token() == expected
+def measured_flops(attn, T, B=2):
+    """Matmul FLOPs of one forward + backward, counted by torch's FlopCounterMode: (weights, attention).
+    The math backend makes SDPA plain bmm's over the full T x T square; a causal kernel does half of it."""
+    torch.manual_seed(0)
+    model = GPT(tiny(attn=attn, sdpa_backend="math"))
+    idx = torch.randint(0, 101, (B, T))
+    with FlopCounterMode(display=False) as fc:
+        model(idx, idx)[1].backward()
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    weights = counts.get("aten.mm", 0) + counts.get("aten.addmm", 0)
+    return model, weights / (B * T), counts.get("aten.bmm", 0) / 2 / (B * T)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "ra_exact", "ra_swap"])
+def test_flops_per_token_matches_counted_flops(attn):
+    """flops_per_token against the FLOPs the model really runs, forward and backward."""
+    model, w32, a32 = measured_flops(attn, 32)
+    _, w16, a16 = measured_flops(attn, 16)
+    # the attention term, the part that grows with T, exactly (attn_flop_mult included)
+    assert model.flops_per_token(32) - model.flops_per_token(16) == pytest.approx(a32 - a16, rel=1e-9)
+    # the total, within the biases and LayerNorms that 6N counts as matmul weights
+    assert model.flops_per_token(32) == pytest.approx(w32 + a32, rel=0.03)
+    assert w16 == w32  # the weight FLOPs per token do not depend on T
 
 
 def test_optimizer_groups():
@@ -113,3 +131,23 @@ def test_same_seed_same_shared_init_across_variants():
             assert torch.equal(base[k], sd[k]), (name, k)
     torch.manual_seed(8)
     assert not torch.equal(GPT(tiny()).state_dict()["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_ra_names_are_the_ra_family():
+    assert "sdpa" in attention.names() and "sdpa" not in attention.ra_names()
+    assert attention.ra_names() == [n for n in attention.names() if attention.get_class(n).ra_family]
+    assert set(attention.ra_names()) >= {"ra_same_flop", "ra_headsel", "ra_tokensel", "ra_exact", "ra_swap"}
+
+
+@pytest.mark.parametrize("name", attention.names())
+def test_gate_values_per_layer_and_head(name):
+    torch.manual_seed(0)
+    model = GPT(tiny(attn=name))
+    idx = torch.randint(0, 101, (2, 9))
+    model(idx)  # gates of the last forward (tok_frac) included
+    values = model.gate_values()
+    want = {f"l{i}/{k}": v for i, b in enumerate(model.transformer.h) for k, v in b.attn.gates().items()}
+    assert set(values) == set(want) and (name != "sdpa") == bool(values)
+    for k, v in values.items():
+        assert isinstance(v, list) and all(isinstance(x, float) for x in v)
+        assert v == want[k].float().tolist()

@@ -4,22 +4,26 @@ The references below are written out with explicit score matrices, an explicit c
 mask and softmax, so they share no code with the implementations under test.
 """
 
+import dataclasses
+import json
 import math
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import attention
 from attention import functional as AF
 from attention.rec_gate import gate_rec_queries
+from attention.triton_setup import HAS_TRITON
 from model import GPT, GPTConfig
 
-RA_NAMES = ["ra_same_flop", "ra_headsel", "ra_tokensel", "ra_exact", "ra_swap"]
 TOL64 = dict(rtol=1e-9, atol=1e-10)
 
 
@@ -360,7 +364,7 @@ def test_int8_quant_fused_equals_unfused_and_stays_close(name):
     x = rand(2, 33, 96, seed=3).requires_grad_()
     ys = []
     for fused in (True, False):
-        mod = build64(name, ra_fused=fused, ra_quant="int8")
+        mod = build64(name, ra_fused=fused, ra_quant="int8", **({"ra_threshold": 0.1} if name == "ra_headsel" else {}))
         if name == "ra_headsel":
             with torch.no_grad():
                 mod.s_rec[1] = 0.1  # one plain head, which must not be quantized
@@ -374,7 +378,8 @@ def test_int8_quant_fused_equals_unfused_and_stays_close(name):
 def test_exact_module_matches_reference():
     x = rand(2, 77, 96, seed=3).requires_grad_()
     mod = build64("ra_exact")
-    assert mod.a.tolist() == pytest.approx([0.5] * 3) and mod.b.tolist() == pytest.approx([0.3] * 3)  # the ra_w_*_init flags
+    cfg = GPTConfig()
+    assert mod.a.tolist() == pytest.approx([cfg.ra_w_std_init] * 3) and mod.b.tolist() == pytest.approx([cfg.ra_b_init] * 3)  # the init flags
     with torch.no_grad():
         mod.a.copy_(torch.tensor([1.0, 0.5, -0.2]))
         mod.b.copy_(torch.tensor([0.3, -0.7, 1.1]))
@@ -487,7 +492,7 @@ def test_tokensel_matches_reference_and_fused_equals_unfused():
             mod.scorer.weight.normal_(0, 0.3)
         params = [x, mod.c_attn.weight, mod.W, mod.s_std, mod.s_rec, mod.scorer.weight, mod.scorer.bias]
         y = mod.heads(x)
-        g = torch.sigmoid(mod.scorer(x))[..., 0]  # (B, T)
+        g = torch.sigmoid(mod.scorer(x.detach()))[..., 0]  # (B, T): the scorer reads x through a stop-gradient
         sel = (g > 0.5).double()
         assert 0 < sel.mean() < 1
         torch.testing.assert_close(mod._sel.detach(), sel.mean())
@@ -514,32 +519,111 @@ def test_tokensel_matches_reference_and_fused_equals_unfused():
 # every registered variant
 # ---------------------------------------------------------------------------
 
-def tiny_gpt(name, seed=0, **kw):
-    torch.manual_seed(seed)
+def tiny_cfg(name, **kw):
     base = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=64, attn=name)
     base.update(kw)
-    return GPT(GPTConfig(**base))
+    return GPTConfig(**base)
 
 
-def cpu_unavailable(name, err):
-    msg = str(err).lower()
-    return isinstance(err, ImportError) or any(s in msg for s in ("cuda", "triton", "gpu"))
+def tiny_gpt(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(tiny_cfg(name, **kw))
 
 
-@pytest.mark.parametrize("name", attention.names())
-def test_causal_every_registered_variant(name):
+# GPTConfig fields any attention module may read without listing them in its `options`
+SHARED_FIELDS = {"n_layer", "n_head", "n_embd", "bias", "dropout", "block_size", "vocab_size", "head_dim",
+                 "padded_vocab_size"}
+
+
+class ConfigReads:
+    """A GPTConfig stand-in that records the fields a constructor reads."""
+
+    def __init__(self, cfg):
+        self._cfg, self.read = cfg, set()
+
+    def __getattr__(self, name):  # called only for names not set in __init__
+        self.read.add(name)
+        return getattr(self._cfg, name)
+
+
+def needs_gpu(err):
+    """True if err says a variant needs what this machine lacks. On a machine with a CUDA GPU and Triton
+    nothing is excused: a kernel failure there is a failure, not a skip."""
+    if torch.cuda.is_available() and HAS_TRITON:
+        return False
+    return isinstance(err, ImportError) or any(s in str(err).lower() for s in ("cuda", "triton", "gpu"))
+
+
+def check_in_range(name, cls, values, when):
+    for k, v in values.items():
+        assert k in cls.gate_ranges, f"{name}: {k!r} (gates() or metrics()) has no gate_ranges entry"
+        lo, hi = cls.gate_ranges[k]
+        v = torch.as_tensor(v, dtype=torch.float64)
+        assert torch.isfinite(v).all() and (v >= lo).all() and (hi is None or (v <= hi).all()), \
+            f"{name} {when}: {k}={v.tolist()} outside [{lo}, {hi}]"
+
+
+def check_contract(name):
+    """The class declares the contract of attention/__init__.py, and its module keeps it."""
+    cls = attention.get_class(name)
+    for attr, typ in (("ra_family", bool), ("head_selective", bool), ("attn_flop_mult", float),
+                      ("options", tuple), ("gate_ranges", dict)):
+        assert isinstance(getattr(cls, attr, None), typ), f"{name}: class attribute {attr} must be a {typ.__name__}"
+    assert cls.attn_flop_mult > 0
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - SHARED_FIELDS - {"attn"}
+    assert set(cls.options) <= fields, f"{name}: options {set(cls.options) - fields} are not GPTConfig fields"
+    for k, (lo, hi) in cls.gate_ranges.items():
+        assert isinstance(lo, float) and (hi is None or isinstance(hi, float) and lo <= hi), (name, k, lo, hi)
+    # options are exactly the fields the constructor reads (its bases' included)
+    cfg = ConfigReads(tiny_cfg(name))
+    cls(cfg)
+    assert cfg.read - SHARED_FIELDS == set(cls.options), f"{name}: reads {sorted(cfg.read - SHARED_FIELDS)}"
+
+    mod = tiny_gpt(name).transformer.h[0].attn  # with GPT's init and the module's own
+    H = 4  # tiny_cfg's n_head
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+
+    def gates_after_forward(when):
+        y = mod(x)  # some gates are values of the last forward (tok_frac)
+        g = mod.gates()
+        for k, v in g.items():
+            assert torch.is_tensor(v) and not v.requires_grad and tuple(v.shape) in ((H,), (1,)), (name, k, v)
+        check_in_range(name, cls, {**g, **(mod.metrics() if hasattr(mod, "metrics") else {})}, when)
+        return y.detach(), {k: v.clone() for k, v in g.items()}  # gates() may be views of the parameters
+
+    y0, g0 = gates_after_forward("at init")
+    assert cls.ra_family or not g0
+    mod.perturb_gates_(torch.Generator().manual_seed(1))
+    y1, g1 = gates_after_forward("after perturb_gates_")
+    if g0:
+        assert any(not torch.equal(g0[k], g1[k]) for k in g0), f"{name}: perturb_gates_ changed no gate"
+        assert not torch.allclose(y0, y1), f"{name}: perturb_gates_ does not change the output"
+    if cls.head_selective:
+        masks = [torch.ones(H, dtype=torch.bool), torch.zeros(H, dtype=torch.bool), torch.arange(H) == 1]
+        outs = []
+        for mask in masks:
+            mod.set_heads_mask(mask)
+            outs.append(gates_after_forward(f"after set_heads_mask({mask.tolist()})")[0])
+        for i in range(len(outs)):
+            for j in range(i):
+                assert not torch.allclose(outs[i], outs[j]), f"{name}: masks {i} and {j} give the same output"
+        mod.set_heads_mask(masks[2])
+        torch.testing.assert_close(mod(x), outs[2], rtol=0, atol=0)  # the output depends on the mask alone
+
+
+def check_causal(name, perturb=True):
+    """Logits at positions <= t do not change when tokens after t do, with every gate live."""
     try:
         model = tiny_gpt(name).eval()
-        # gates away from their init, so every path (reciprocal channel, swap branch) is live
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith(("beta", ".b", "s_rec", "W")):
-                    p.add_(0.5)
+        if perturb:
+            gen = torch.Generator().manual_seed(0)
+            for block in model.transformer.h:
+                block.attn.perturb_gates_(gen)
         idx = torch.randint(0, 64, (2, 40))
         logits, _ = model(idx)
     except (ImportError, RuntimeError, NotImplementedError) as e:
-        if cpu_unavailable(name, e):
-            pytest.skip(f"{name} does not run on this CPU machine: {e}")
+        if needs_gpu(e):
+            pytest.skip(f"{name} does not run on this machine: {e}")
         raise
     for t in (0, 17, 38):
         idx2 = idx.clone()
@@ -549,14 +633,12 @@ def test_causal_every_registered_variant(name):
         assert not torch.allclose(logits2[:, t + 1:], logits[:, t + 1:])
 
 
-@pytest.mark.parametrize("name", RA_NAMES)
-def test_variant_trains(name):
-    kw = dict(ra_l1=0.5) if name == "ra_headsel" else {}
+def check_trains(name, **kw):
+    """30 steps on a synthetic task: the loss falls, every gate parameter gets a gradient; returns the model."""
     model = tiny_gpt(name, **kw)
     attn = model.transformer.h[0].attn
     gates = {n: p for n, p in attn.named_parameters() if not n.startswith(("c_attn", "c_proj"))}
     assert gates
-    w_rec0 = attn.w_rec.mean().item() if name == "ra_headsel" else None
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(64, generator=gen)  # synthetic task: walk a fixed random permutation
@@ -577,25 +659,148 @@ def test_variant_trains(name):
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.25 * losses[0], losses
     assert all(math.isfinite(v) for v in model.metrics().values())
-    if name == "ra_headsel":
-        assert attn.w_rec.mean().item() < w_rec0  # the L1 lowers w_rec
+    check_in_range(name, type(attn), attn.gates(), "after training")
+    return model
 
 
-@pytest.mark.parametrize("name,fused", [(n, True) for n in RA_NAMES] + [
-    ("ra_same_flop", False), ("ra_headsel", False), ("ra_tokensel", False)])
+@pytest.mark.parametrize("name", attention.names())
+def test_contract_every_registered_variant(name):
+    check_contract(name)
+
+
+def test_gate_names_mean_the_same_everywhere():
+    # a reader (ladder_report.py, plots) merges gate_ranges by key over variants: one range per key
+    seen = {}
+    for name in attention.names():
+        for k, r in attention.get_class(name).gate_ranges.items():
+            assert seen.setdefault(k, (name, r))[1] == r, f"{k}: {r} in {name}, {seen[k][1]} in {seen[k][0]}"
+
+
+@pytest.mark.parametrize("name", attention.names())
+def test_causal_every_registered_variant(name):
+    check_causal(name)
+
+
+@pytest.mark.parametrize("name", attention.ra_names())
+def test_variant_trains(name):
+    check_trains(name)
+
+
+def test_headsel_l1_lowers_w_rec_while_training():
+    attn = tiny_gpt("ra_headsel").transformer.h[0].attn
+    w_rec0 = attn.w_rec.mean().item()
+    attn = check_trains("ra_headsel", ra_l1=0.5).transformer.h[0].attn
+    assert attn.w_rec.mean().item() < w_rec0
+
+
+class ToyRA(nn.Module):
+    """A throwaway variant for the tests below, written against the contract alone: exact RA with
+    a = 1 and a per-head gate g, s_ij = (q_i.k_j + g_h q_j.k_i) / sqrt(D); g = 0 (the init) is the
+    baseline, and set_heads_mask makes a head plain by setting its g to 0."""
+    ra_family = True
+    attn_flop_mult = 2.0  # both score matrices in full
+    options = ()
+    gate_ranges = {"g": (-math.inf, None), "g_abs": (0.0, None)}
+    head_selective = True
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.g = nn.Parameter(torch.zeros(cfg.n_head))
+
+    def forward(self, x):
+        T = x.size(1)
+        q, k, v = AF.split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
+        s = q @ k.transpose(-1, -2) + self.g.view(1, -1, 1, 1) * (k @ q.transpose(-1, -2))  # (B, nh, T, T)
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return self.c_proj(AF.merge_heads((s / math.sqrt(q.size(-1))).softmax(-1) @ v))
+
+    def metrics(self):
+        return {"g_abs": self.g.detach().abs().mean()}
+
+    def gates(self):
+        return {"g": self.g.detach()}
+
+    @torch.no_grad()
+    def perturb_gates_(self, generator):
+        self.g.copy_(torch.empty(self.n_head).uniform_(0.5, 1.5, generator=generator))
+
+    @torch.no_grad()
+    def set_heads_mask(self, mask):
+        self.g.copy_(torch.where(mask, 0.5, 0.0))
+
+
+class LeakyToyRA(ToyRA):
+    """ToyRA with a bug that only shows while g != 0: every position sees the mean over the sequence."""
+
+    def forward(self, x):
+        return super().forward(x) + self.g.mean() * x.mean(dim=1, keepdim=True)  # (B, T, C) + (B, 1, C)
+
+
+@pytest.fixture
+def register(monkeypatch):
+    """register(name, cls): what a new variant's file and REGISTRY line do, undone after the test."""
+    def reg(name, cls):
+        module = types.ModuleType(f"attention._test_{name}")
+        setattr(module, cls.__name__, cls)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(attention.REGISTRY, name, f"_test_{name}:{cls.__name__}")
+    return reg
+
+
+def test_new_variant_is_one_class_and_one_registry_line(register, tmp_path):
+    import bench
+
+    register("ra_toy", ToyRA)
+    assert "ra_toy" in attention.ra_names()
+    check_contract("ra_toy")
+    check_causal("ra_toy")
+    model = check_trains("ra_toy")
+    gates = model.gate_values()
+    assert set(gates) == {"l0/g", "l1/g"} and len(gates["l0/g"]) == 4
+    # bench.py's CPU smoke run measures it, in the heads sweep too (head_selective)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--what", "attn,step", "--sweep", "heads", "--variants", "ra_toy",
+                       "--reps", "1", "--step-reps", "1", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["variant"] == "ra_toy"]
+    assert {r["section"] for r in rows} == {"attn", "step", "sweep_heads"}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert {r["setting"] for r in rows if r["section"] == "sweep_heads"} == {f"ra_heads={k}/4" for k in (0, 1, 2, 4)}
+
+
+def test_causality_check_catches_a_leak_behind_a_closed_gate(register):
+    register("ra_leaky_toy", LeakyToyRA)
+    check_causal("ra_leaky_toy", perturb=False)  # g = 0 at init: the leak is switched off, the check passes
+    with pytest.raises(AssertionError):
+        check_causal("ra_leaky_toy")  # the gates opened through the contract: the leak shows
+
+
+def _compile_cases():
+    # every RA variant; the unfused path too where there is one, with a stored routing where there is one
+    cases = [(n, True) for n in attention.ra_names()]
+    return cases + [(n, False) for n in attention.ra_names() if "ra_fused" in attention.get_class(n).options]
+
+
+@pytest.mark.parametrize("name,fused", _compile_cases())
 def test_compiles_fullgraph_without_host_sync(name, fused):
     """fullgraph=True fails on any graph break, e.g. .item(), bool(tensor), .cpu() in forward."""
     torch._dynamo.reset()
-    kw = dict(ra_route_every=4) if name == "ra_headsel" and not fused else {}
+    options = attention.get_class(name).options
+    kw = dict(ra_route_every=4) if "ra_route_every" in options and not fused else {}
     torch.manual_seed(0)
     mod = attention.build(name, cfg_for(name, ra_fused=fused, **kw))
     x = torch.randn(2, 21, 96, requires_grad=True)
+    mod(x)  # one eager call first: a one-time notice (the CPU fallback's) is not the forward's business
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
     y = compiled(x)
+    aux = mod.aux_loss() if hasattr(mod, "aux_loss") else None  # stored by the compiled forward
     y.sum().backward()
     torch.testing.assert_close(y, mod(x))
-    if hasattr(mod, "aux_loss"):
-        mod.aux_loss()  # state stored by the compiled forward is usable
+    if aux is not None:
+        assert aux.requires_grad  # in the graph, so the optimizer sees it
+        torch.testing.assert_close(aux, mod.aux_loss())  # the eager forward's
 
 
 def test_same_flop_inductor_compile():
@@ -616,8 +821,8 @@ def test_flop_mult_and_reset_parameters():
         assert attn.attn_flop_mult == mult
         if hasattr(attn, "W"):  # GPT's generic init does not touch the module's own parameters
             assert attn.W.shape == (16, 8) and abs(attn.W.std().item() - 0.02) < 0.01
-            torch.testing.assert_close(attn.w_std, torch.full((4,), 0.5))
-            torch.testing.assert_close(attn.w_rec, torch.full((4,), 0.3))
+            torch.testing.assert_close(attn.w_std, torch.full((4,), GPTConfig.ra_w_std_init))
+            torch.testing.assert_close(attn.w_rec, torch.full((4,), GPTConfig.ra_w_rec_init))
         if name == "ra_tokensel":
             assert attn.scorer.bias.item() == 0.0
 

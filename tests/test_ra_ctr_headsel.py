@@ -10,7 +10,8 @@ from model import GPT, GPTConfig
 
 
 def cfg(**kw):
-    base = dict(n_layer=2, n_head=3, n_embd=96, block_size=64, vocab_size=64, attn="ra_ctr_headsel")
+    # ra_threshold pinned: the routing tests below place gates on either side of 0.1
+    base = dict(n_layer=2, n_head=3, n_embd=96, block_size=64, vocab_size=64, attn="ra_ctr_headsel", ra_threshold=0.1)
     base.update(kw)
     return GPTConfig(**base)
 
