@@ -1,7 +1,7 @@
 """
 Sample text from a trained run.
 
-    python sample.py --run runs/sdpa-tiny-s1337 --prompt "ROMEO:" --tokens 200
+    python sample.py --run runs/ra_headsel-tiny-s1337 --prompt "ROMEO:" --tokens 200   # README set-up run, no GPU
 """
 
 import argparse

@@ -13,21 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.prepare import make_test_corpus  # noqa: E402
-
-# a model small enough that 30 CPU steps take seconds
-TINY = ["--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
-        "--block-size", "32", "--batch-size", "8", "--warmup-steps", "5", "--lr", "3e-3",
-        "--eval-every", "0", "--eval-batches", "2", "--log-every", "1", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    # RA_TEST_CORPUS: a folder where this fixture has run before, so its data is prepared (GPU machines
-    # without `datasets`, which data/prepare.py reads text files with)
-    d = Path(os.environ["RA_TEST_CORPUS"]) if os.environ.get("RA_TEST_CORPUS") else tmp_path_factory.mktemp("corpus")
-    glob = make_test_corpus(d / "txt", n_docs=40, seed=0)
-    return {"dataset": f"files:{glob}", "data_root": str(d / "data")}
+from conftest import TINY  # noqa: E402  (and the `corpus` fixture)
 
 
 def run_train(args, corpus, tmp_path, env=None, check=True, timeout=300):
@@ -53,6 +39,25 @@ def test_help_lists_every_field():
     assert "sdpa" in p.stdout  # the attention names are listed
 
 
+def test_help_describes_every_flag_with_the_presets_values():
+    """--help shows the value a flag takes when not given: the preset's where it sets one (tiny without a GPU:
+    block size 128, bytes), and every flag has a description, not just its default."""
+    import train
+
+    parser = train.build_parser("tiny", train.load_preset("tiny"))
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and not action.help.startswith("("), action.option_strings
+    p = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--help"], cwd=ROOT, capture_output=True,
+                       text=True)
+    text = " ".join(p.stdout.split())
+    assert "context length in tokens (preset tiny: 128)" in text, text
+    assert "(preset tiny: bytes)" in text and "(default: 1000)" in text  # --max-steps: not in the preset
+    p = subprocess.run([sys.executable, "train.py", "--preset", "gpt2-124m", "--help"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert "context length in tokens (preset gpt2-124m: 1024)" in " ".join(p.stdout.split())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--attn", "nope"], "unknown attention 'nope'; valid names"),
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
@@ -63,6 +68,9 @@ def test_help_lists_every_field():
     (["--n-embd", "65"], "must be divisible by n_head"),
     (["--tokenizer", "bpe"], "use gpt2 or bytes"),
     (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA GPU"),
+    (["--attn", "ra_ctr", "--ra-quant", "int8"], "ra_ctr: ra_quant='int8' is not implemented"),  # the variant's own check
+    (["--attn", "ra_headsel", "--ra-route-every", "-1"], "ra_route_every=-1 must be >= 0"),
+    (["--resume", "--overwrite"], "give one of them"),
 ])
 def test_bad_cli_input_fails_before_work(args, message, tmp_path):
     p = subprocess.run([sys.executable, "train.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
@@ -142,6 +150,16 @@ def test_nonfinite_loss_stops_with_message(corpus, tmp_path):
                    "0", "--grad-clip", "0"], corpus, tmp_path, check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "stopping: the loss is" in p.stdout
+
+
+def test_synthetic_recall_dataset(tmp_path):
+    """--dataset synthetic-recall is generated on first use (data/prepare.py's ensure_dataset)."""
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "synthetic-recall",
+                        "--data-root", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "rec",
+                        "--max-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [r["step"] for r in read_log(tmp_path / "runs/rec/log.jsonl") if "loss" in r] == [1, 2]
 
 
 def test_torchrun_gloo_two_processes(corpus, tmp_path):
