@@ -2,17 +2,21 @@
 The quality ladder's report, built only from run folders (config.json, log.jsonl, summary.json of
 train.py, plus ladder_run.json where quick_quality_test.py ran the run): quick_quality_test.py and
 compare.py both call build_results() and write_report(), so a ladder's results.md and compare.py's
-table from the same folders are the same.
+table from the same folders are the same. Statistics: ladder/stats.py; plots: ladder/plots.py.
 
-Statistics (all on validation loss, nats/token; lower is better):
+All on validation loss, nats/token; lower is better:
   per variant   mean and sample std (n-1) of the final val loss over its seeds
   vs baseline   paired by seed: d_s = val(variant, s) - val(baseline, s) for the seeds both ran,
                 mean d +- t(0.975, n-1) * sd(d) / sqrt(n)   (a 95% confidence interval)
                 "better"/"worse" only when the interval excludes 0; an interval that contains 0 is
-                "no difference", never a win; with n = 1 there is no interval ("n=1, no CI").
-  keeps         "keeps the val loss" (the roadmap's R=8 and head-selective questions) needs more than
-                "no difference": the whole CI below +margin (default 0.02 nats; --margin), since a
-                wide CI around 0 is no evidence of keeping anything
+                "undecided", never a win, with the seeds that would decide it at the observed spread;
+                with n = 1 there is no interval ("n=1, no CI"). Every verdict shows the MDE (the CI's
+                half-width: the smallest difference this run resolves) and n
+  keeps         "keeps the val loss" (the roadmap's R=8 and head-selective questions) needs the whole
+                CI below +margin (default 0.02 nats; --margin): a wide CI around 0 keeps nothing
+  repeat        a run folder whose ladder_run.json names repeat_of (quick_quality_test.py --repeat) is
+                the same seed and config run again: its difference to the original is the GPU's
+                non-determinism, reported on its own and kept out of the variants
   speed         per seed ms/step ratios, their geometric mean and a t CI on the logs; "faster" only
                 when the CI is below 1
   equal steps   val loss at step S* = the smallest final step of all runs compared (linear
@@ -28,6 +32,8 @@ Statistics (all on validation loss, nats/token; lower is better):
   ms/step       per run: the median of the logged ms_per_step intervals, the first one left out
                 (it holds warm-up and torch.compile); per variant: the mean over seeds; the table's
                 ratio is of those means
+Gate ranges, head selectivity and the options a variant reads come from its attention class
+(ladder/variants.py), never from its name.
 """
 
 import json
@@ -35,136 +41,22 @@ import math
 import statistics
 from pathlib import Path
 
+from ladder import plots as ladder_plots
+from ladder import variants as attn_info
+from ladder.stats import (classify, decide_note, finite, interp, mean_std, noninferior,  # noqa: F401
+                          paired_delta, seeds_needed, speed_ratio, t_quantile)
+
 OK_STATUSES = ("done", "time budget reached")
 # config fields that do not make two runs different variants (seeds of one variant differ in them)
 IGNORED_FIELDS = {"seed", "run_name", "out_dir", "data_root", "data_dir", "resume", "wandb", "wandb_project",
                   "wandb_group", "wandb_tags", "log_every", "eval_every", "ckpt_every"}
-# attention metrics with a known valid range, by name (attn/l{i}/NAME and attn/mean/NAME); every
-# attention metric must also be finite
-GATE_RANGES = {"w_rec": (0.0, None), "w_std": (0.0, None), "b_abs": (0.0, None), "ra_frac": (0.0, 1.0),
-               "tok_frac": (0.0, 1.0)}
-TIME_KEYS = {"measured": "val_times", "steady": "val_times_steady"}  # the run fields of each time axis
+TIME_KEYS = ladder_plots.TIME_KEYS  # the run fields of each time axis
 STALL = 3.0  # an interval slower than this many median steps is a stall (see stall_s)
 MARGIN = 0.02  # nats: "keeps the val loss" = the 95% CI of the loss difference lies below +MARGIN
 LEAK_MARGIN = 0.1  # nats: a val loss this far under the dataset's ideal floor means the model sees the future
 
 
-# ----------------------------------------------------------------------------- statistics
-
-def _betacf(a, b, x):
-    """Continued fraction of the incomplete beta function (Numerical Recipes, modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbeta) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbeta) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom: 1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p, df):
-    """The t such that t_cdf(t, df) = p (0.5 < p < 1), by bisection: t(0.975, 2) = 4.3027."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def mean_std(xs):
-    """(mean, sample std with n-1; None for n < 2) of a list of numbers; (None, None) when empty."""
-    xs = list(xs)
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
-def paired_delta(variant, baseline, confidence=0.95):
-    """Paired comparison of two {seed: value} dicts over the seeds both have.
-
-    d_s = variant[s] - baseline[s]; mean d, and with n >= 2 the interval
-    mean +- t((1 + confidence) / 2, n - 1) * sd(d) / sqrt(n). Returns a dict with n, seeds, mean,
-    sd, half_width, lo, hi, t and the verdict (see classify); n = 0 when no seed is shared."""
-    seeds = sorted(s for s in variant if s in baseline and _finite(variant[s]) and _finite(baseline[s]))
-    d = [variant[s] - baseline[s] for s in seeds]
-    out = {"n": len(d), "seeds": seeds, "diffs": d, "mean": None, "sd": None, "half_width": None,
-           "lo": None, "hi": None, "t": None, "confidence": confidence}
-    if d:
-        out["mean"] = statistics.fmean(d)
-    if len(d) >= 2:
-        out["sd"] = statistics.stdev(d)
-        out["t"] = t_quantile((1 + confidence) / 2, len(d) - 1)
-        out["half_width"] = out["t"] * out["sd"] / math.sqrt(len(d))
-        out["lo"], out["hi"] = out["mean"] - out["half_width"], out["mean"] + out["half_width"]
-    out["verdict"] = classify(out)
-    return out
-
-
-def classify(delta):
-    """'better' / 'worse' (lower / higher loss, the CI excludes 0), 'no difference' (the CI contains 0),
-    'n=1, no CI' or 'not run'. A difference is never called a win unless the whole interval is below 0."""
-    if not delta or delta["n"] == 0:
-        return "not run"
-    if delta["n"] == 1:
-        return "n=1, no CI"
-    if delta["hi"] < 0:
-        return "better"
-    if delta["lo"] > 0:
-        return "worse"
-    return "no difference"
-
-
-def interp(xs, ys, x):
-    """Linear interpolation of the curve (xs ascending, ys) at x; None outside [xs[0], xs[-1]]."""
-    if not xs or x < xs[0] - 1e-9 or x > xs[-1] + 1e-9:
-        return None
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            return y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return ys[-1]
-
-
-def _finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
+_finite = finite
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -270,8 +162,27 @@ def load_run(path):
             run["stall_s"] += n * (m - med) / 1000
     run["gates"] = {k.split("/", 2)[2]: v for k, v in (train[-1] if train else {}).items()
                     if k.startswith("attn/mean/")}
+    # per-head gates over training, from train.py's "gates" records: {"l3/w_rec": [per head], ...}
+    logged = [r for r in train if isinstance(r.get("gates"), dict)]
+    keys = sorted({k for r in logged for k in r["gates"]})
+    run["gate_history"] = {"steps": [r["step"] for r in logged],
+                           "values": {k: [r["gates"].get(k) for r in logged] for k in keys}}
+    run["repeat_of"] = ladder.get("repeat_of")
+    run["heads_off"] = heads_off(train) if attn_info.head_selective(run["attn"]) else None
     run["checks"] = sanity_checks(run, train, val, _reference_loss(config))
     return run
+
+
+def heads_off(train):
+    """For a head-selective run: {"step": first logged step at which no head is an RA head any more
+    (the layer mean of ra_frac is 0), or None, "stayed": whether it stayed 0 to the end, "final": the
+    last ra_frac}; None when the run logged no ra_frac."""
+    fracs = [(r["step"], r["attn/mean/ra_frac"]) for r in train if _finite(r.get("attn/mean/ra_frac"))]
+    if not fracs:
+        return None
+    off = next((s for s, f in fracs if f <= 0), None)
+    return {"step": off, "stayed": off is not None and all(f <= 0 for s, f in fracs if s >= off),
+            "final": fracs[-1][1]}
 
 
 def _reference_loss(config):
@@ -302,20 +213,28 @@ def sanity_checks(run, train, val, reference=None):
         for k, v in r.items():
             if (k in ("loss", "aux_loss", "val_loss", "grad_norm") or k.startswith("attn/")) and not _finite(v):
                 bad.append(f"{k}={v} at step {r['step']}")
-    checks["finite"] = {"ok": not bad, "detail": "; ".join(bad[:3]) or "loss, val loss, aux loss, attn metrics"}
+    ranges = attn_info.gate_ranges(run["attn"])
     out_of_range, seen = [], set()
     for r in train:
-        for k, v in r.items():
-            name = k.rsplit("/", 1)[-1]
-            if k.startswith("attn/") and name in GATE_RANGES:
-                seen.add(name)
-                lo, hi = GATE_RANGES[name]
-                if _finite(v) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
-                    out_of_range.append(f"{k}={v:.4g} at step {r['step']}")
-    ranges = ", ".join(f"{n} in [{GATE_RANGES[n][0]:g}, {'inf' if GATE_RANGES[n][1] is None else GATE_RANGES[n][1]:g}]"
-                       if GATE_RANGES[n][1] is not None else f"{n} >= {GATE_RANGES[n][0]:g}" for n in sorted(seen))
+        # the layer metrics attn/l{i}/NAME and attn/mean/NAME, and the per-head "gates" lists l{i}/NAME
+        values = [(k, k.rsplit("/", 1)[-1], v) for k, v in r.items() if k.startswith("attn/")]
+        values += [(f"gates/{k}[{h}]", k.rsplit("/", 1)[-1], v) for k, vs in (r.get("gates") or {}).items()
+                   for h, v in enumerate(vs or [])]
+        for key, name, v in values:
+            if not _finite(v):
+                if key.startswith("gates/"):  # the attn/ metrics were checked above
+                    bad.append(f"{key}={v} at step {r['step']}")
+                continue
+            if name not in ranges:
+                continue
+            seen.add(name)
+            lo, hi = ranges[name]
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                out_of_range.append(f"{key}={v:.4g} at step {r['step']}")
+    checks["finite"] = {"ok": not bad, "detail": "; ".join(bad[:3]) or "loss, val loss, aux loss, attn metrics, gates"}
     checks["gates in range"] = {"ok": not out_of_range if seen else None,
-                                "detail": "; ".join(out_of_range[:3]) or ranges or "no gate metrics"}
+                                "detail": "; ".join(out_of_range[:3]) or _ranges_text(ranges, seen)
+                                or "no gate metrics"}
     if reference and val and _finite(val[-1]["val_loss"]):
         v, floor, bound = val[-1]["val_loss"], reference.get("ideal"), reference.get("no_attention_bound")
         if floor is not None:
@@ -326,6 +245,16 @@ def sanity_checks(run, train, val, reference=None):
             checks["attention used"] = {"ok": None, "info": v < bound,
                                         "detail": f"val {v:.3f} {'<' if v < bound else '>='} no-attention bound {bound:.3f}"}
     return checks
+
+
+def _ranges_text(ranges, names):
+    out = []
+    for n in sorted(names):
+        lo, hi = ranges[n]
+        lo = None if lo is None or lo == -math.inf else lo
+        out.append(f"{n} in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else
+                   f"{n} >= {lo:g}" if lo is not None else f"{n} <= {hi:g}" if hi is not None else f"{n} finite")
+    return ", ".join(out)
 
 
 def run_passes(run):
@@ -341,6 +270,7 @@ def _key(config):
 def group_runs(runs, order=None):
     """[(label, [runs])]: runs with equal configs (up to seed and bookkeeping fields) are one variant.
     The label is the attention name, plus the fields that tell apart variants of one attention."""
+    runs = [r for r in runs if not r.get("repeat_of")]  # a --repeat run is noise, not a seed of its variant
     groups = {}
     for r in runs:
         if r["config"] is not None:
@@ -380,9 +310,9 @@ def unlike_fields(groups):
     """Non-attention config fields whose values differ between variants (the comparison is then not like for like)."""
     configs = [rs[0]["config"] for _, rs in groups if rs[0]["config"]]
     fields = set().union(*configs) if configs else set()
-    return sorted(f for f in fields - IGNORED_FIELDS
-                  if f != "attn" and not f.startswith("ra_") and f != "sdpa_backend"
-                  and len({json.dumps(c.get(f), sort_keys=True) for c in configs}) > 1)
+    own = attn_info.all_options()  # each variant's own attention settings may differ
+    return sorted(f for f in fields - IGNORED_FIELDS - own
+                  if f != "attn" and len({json.dumps(c.get(f), sort_keys=True) for c in configs}) > 1)
 
 
 def build_results(runs, baseline=None, order=None, meta=None, time_axis="measured", margin=MARGIN):
@@ -413,9 +343,12 @@ def build_results(runs, baseline=None, order=None, meta=None, time_axis="measure
             "ms_per_step": ms_mean, "steps": mean_std([r["steps"] for r in good])[0],
             "train_time_s": mean_std([r["train_time_s"] for r in good if r["train_time_s"] is not None])[0],
             "ra_R": cfg.get("ra_R"), "gates": _mean_gates(good),
+            "settings": {o: cfg[o] for o in attn_info.options(rs[0]["attn"]) if o in cfg},
+            "head_selective": attn_info.head_selective(rs[0]["attn"]),
             "passes": all(run_passes(r) for r in rs),
             "runs": [{k: r[k] for k in ("name", "dir", "seed", "status", "ok", "steps", "train_time_s", "warmup_s",
-                                         "final_val", "ms_per_step", "stall_s", "gates", "checks", "notes")} for r in rs],
+                                         "final_val", "ms_per_step", "stall_s", "gates", "heads_off", "checks",
+                                         "notes")} for r in rs],
         })
     by_label = {v["label"]: v for v in variants}
     base = by_label.get(baseline)
@@ -434,7 +367,8 @@ def build_results(runs, baseline=None, order=None, meta=None, time_axis="measure
               for r in ok_runs if r["train_time_s"] and r["stall_s"] > 0.1 * r["train_time_s"]]
     results = {"meta": meta or {}, "baseline": baseline, "equal_step": s_star, "variants": variants,
                "time_axis": time_axis, "margin": margin, "stalls": stalls, "unlike_fields": unlike_fields(groups),
-               "lr_decays": any((r["config"] or {}).get("max_time_min", 0) == 0 for r in ok_runs)}
+               "lr_decays": any((r["config"] or {}).get("max_time_min", 0) == 0 for r in ok_runs),
+               "repeats": repeat_deltas(runs), "resolution": resolution(variants)}
     results["verdicts"] = verdicts(results, groups)
     return results
 
@@ -461,6 +395,38 @@ def equal_time_delta(runs, base_runs, key="val_times"):
     return out
 
 
+def repeat_deltas(runs):
+    """The --repeat runs against the runs they repeat (same config and seed, another process): the final
+    val difference and the largest difference over the val curve at the steps both evaluated."""
+    by_name = {r["name"]: r for r in runs}
+    out = []
+    for r in runs:
+        if not r.get("repeat_of"):
+            continue
+        o = by_name.get(r["repeat_of"])
+        row = {"name": r["name"], "of": r["repeat_of"], "attn": r["attn"], "seed": r["seed"], "status": r["status"],
+               "final_val": r["final_val"], "original_final_val": o["final_val"] if o else None, "diff": None,
+               "max_abs_curve_diff": None, "at_step": None}
+        if o and r["ok"] and o["ok"]:
+            row["diff"] = r["final_val"] - o["final_val"]
+            theirs = dict(zip(o["val_steps"], o["val_losses"]))
+            both = [(abs(v - theirs[s]), s) for s, v in zip(r["val_steps"], r["val_losses"]) if s in theirs]
+            if both:
+                row["max_abs_curve_diff"], row["at_step"] = max(both)
+        out.append(row)
+    return out
+
+
+def resolution(variants):
+    """What this comparison can resolve: the smallest and largest MDE (CI half-width) of the final-loss
+    deltas and their seed counts."""
+    ds = [v["vs_baseline"] for v in variants if v.get("vs_baseline") and v["vs_baseline"]["half_width"] is not None]
+    if not ds:
+        return None
+    return {"mde_min": min(d["half_width"] for d in ds), "mde_max": max(d["half_width"] for d in ds),
+            "n_min": min(d["n"] for d in ds), "n_max": max(d["n"] for d in ds)}
+
+
 def _mean_gates(runs):
     names = sorted({k for r in runs for k in r["gates"]})
     return {k: statistics.fmean([r["gates"][k] for r in runs if k in r["gates"]]) for k in names}
@@ -478,28 +444,52 @@ def _fmt_delta(d, cell=False):
     return interval if cell else f"{interval} (95% CI, n={d['n']})"
 
 
+def _mde(d):
+    """"MDE ±0.0123, n=3": the smallest difference this comparison resolves, and its seed count."""
+    if not d or not d["n"]:
+        return "n=0"
+    return f"MDE ±{d['half_width']:.4f}, n={d['n']}" if d["half_width"] is not None else f"n={d['n']}, no MDE"
+
+
+def _verdict_cell(d):
+    """A table's verdict cell: the verdict with the MDE and n next to it, and what would decide it."""
+    if not d or not d["n"]:
+        return (d or {}).get("verdict", "-")
+    text = f"{d['verdict']} ({_mde(d)})" if d["verdict"] != "n=1, no CI" else "undecided (n=1, no CI)"
+    if d["verdict"] == "undecided":
+        text += f": {'~' + str(d['seeds_needed']) + ' seeds' if d['seeds_needed'] else 'below resolution'}"
+    return text
+
+
 def _said(d):
-    """"+0.0123 [-0.01, +0.03] (95% CI, n=3): no difference" without repeating "n=1, no CI"."""
+    """"+0.0123 [-0.01, +0.03] (95% CI, n=3; MDE ±0.0247): undecided, ~7 seeds would decide it at this
+    spread" without repeating "n=1, no CI"."""
     text = _fmt_delta(d)
-    return text if d is None or d["verdict"] in ("n=1, no CI", "not run") else f"{text}: {d['verdict']}"
+    if d is None or d["verdict"] in ("n=1, no CI", "not run"):
+        return text
+    if d["half_width"] is not None:
+        text = text[:-1] + f"; MDE ±{d['half_width']:.4f})"
+    note = decide_note(d)
+    return f"{text}: {d['verdict']}" + (f", {note}" if note else "")
+
+
+def _keeps_seeds(d, margin):
+    """Seeds that would decide "keeps the loss within +margin" at the observed mean and spread."""
+    if not d or d.get("sd") is None:
+        return None
+    options = [seeds_needed(margin - d["mean"], d["sd"]) if d["mean"] < margin else None,
+               seeds_needed(d["mean"], d["sd"]) if d["mean"] > 0 else None]
+    options = [n for n in options if n is not None]
+    return min(options) if options else None
+
+
+def _more_seeds(n):
+    return (f"more seeds: ~{n} would decide it at this spread (--seeds {n} with the same --out-dir reuses the "
+            f"finished runs)" if n else "a longer rung: no seed count would decide it at this spread")
 
 
 def _find(results, attn):
     return next((v for v in results["variants"] if v["attn"] == attn), None)
-
-
-def speed_ratio(runs, ref_runs):
-    """ms/step of runs relative to ref_runs, paired by seed: the geometric mean of the per-seed ratios and
-    its 95% CI (t on the log ratios); "faster"/"slower" only when the CI excludes 1."""
-    ref = {r["seed"]: r["ms_per_step"] for r in ref_runs if r["ok"] and r["ms_per_step"]}
-    logs = {r["seed"]: math.log(r["ms_per_step"] / ref[r["seed"]]) for r in runs
-            if r["ok"] and r["ms_per_step"] and r["seed"] in ref}
-    d = paired_delta(logs, {k: 0.0 for k in logs})
-    out = {"n": d["n"], "ratio": math.exp(d["mean"]) if d["n"] else None,
-           "lo": math.exp(d["lo"]) if d["lo"] is not None else None,
-           "hi": math.exp(d["hi"]) if d["hi"] is not None else None}
-    out["verdict"] = {"better": "faster", "worse": "slower"}.get(d["verdict"], d["verdict"])
-    return out
 
 
 def _fmt_speed(s, ref):
@@ -508,19 +498,6 @@ def _fmt_speed(s, ref):
     if s["lo"] is None:
         return f"ms/step x{s['ratio']:.2f} of {ref} (n=1)"
     return f"ms/step x{s['ratio']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}] of {ref}: {s['verdict']}"
-
-
-def noninferior(d, margin):
-    """Is the variant at most `margin` nats worse? 'yes' when the whole 95% CI is below +margin, 'no' when
-    it is above 0 (significantly worse) without that, else 'undecided' (the CI is too wide to tell);
-    'n=1' with one seed. "No difference" with a CI of +-0.5 is not evidence of keeping the loss."""
-    if not d or d["n"] == 0:
-        return "not run"
-    if d["n"] == 1:
-        return "n=1"
-    if d["hi"] <= margin:
-        return "yes"
-    return "no" if d["lo"] > 0 else "undecided"
 
 
 def verdicts(results, groups):
@@ -537,24 +514,27 @@ def verdicts(results, groups):
             have.discard("sdpa")
         return [n for n in names if n not in have]
 
-    # 1. Phase 1: does R=8 keep the val loss? Non-inferiority within the margin, not mere "no difference"
-    R = sf["ra_R"] if sf else 8
-    q = f"R={R} keeps val loss (within noise)?"
-    if missing("sdpa", "ra_same_flop"):
-        lines.append({"question": q, "answer": "not run", "detail": f"needs finished runs of "
-                      f"{' and '.join(missing('sdpa', 'ra_same_flop'))} (--variants sdpa,ra_same_flop)"})
-    else:
-        d = sf["vs_baseline"]
+    # 1. Phase 1: does R=8 keep the val loss? Non-inferiority within the margin, not a CI around 0.
+    # One line per ra_same_flop variant: an R sweep (--sweep ra_R=4,8,12,16) answers it for each R.
+    sfs = [v for v in results["variants"] if v["attn"] == "ra_same_flop" and v["n_ok"] > 0] or [sf]
+    for sfv in sfs:
+        R = sfv["ra_R"] if sfv else 8
+        q = f"R={R} keeps val loss (within noise)?" + (f" [{sfv['label']}]" if len(sfs) > 1 else "")
+        if missing("sdpa", "ra_same_flop"):
+            lines.append({"question": q, "answer": "not run", "detail": f"needs finished runs of "
+                          f"{' and '.join(missing('sdpa', 'ra_same_flop'))} (--variants sdpa,ra_same_flop)"})
+            continue
+        d = sfv["vs_baseline"]
         ni = noninferior(d, margin)
         ans = {"yes": "YES", "no": "NO"}.get(ni, "UNDECIDED")
         why = {"yes": f"the CI lies below +{margin:g}", "no": "the CI lies above 0",
                "undecided": f"the CI reaches past +{margin:g} and below 0: too wide to tell",
-               "n=1": ""}[ni]
+               "n=1": "one seed: no CI"}[ni]
         nxt = {"YES": "proceed to Phase 2 (head-selective)", "NO": "try R=12 (--train-args \"--ra-R 12\")",
-               "UNDECIDED": "more seeds (--seeds 5) or a longer rung"}[ans]
+               "UNDECIDED": _more_seeds(_keeps_seeds(d, margin)) if ni == "undecided" else "more seeds (--seeds 3)"}[ans]
         note = f" (the roadmap asks about R=8; this run used ra_R={R})" if R != 8 else ""
-        speed = speed_ratio(runs_of[sf["label"]], runs_of[base["label"]])
-        lines.append({"question": q, "answer": ans, "detail": f"ra_same_flop - sdpa final val = {_said(d)}{f' ({why})' if why else ''}; "
+        speed = speed_ratio(runs_of[sfv["label"]], runs_of[base["label"]])
+        lines.append({"question": q, "answer": ans, "detail": f"{sfv['label']} - sdpa final val = {_said(d)} ({why}); "
                       f"{_fmt_speed(speed, 'sdpa')} -> {nxt}{note}"})
 
     # 2. Phase 2: do selective heads help? Better than ra_same_flop, or as good and faster; and as good as sdpa
@@ -573,13 +553,15 @@ def verdicts(results, groups):
             ans = "NO"
         elif vs_sf["verdict"] == "better" or (keeps_sf == "yes" and speed["verdict"] == "faster"):
             ans = "YES" if keeps_base == "yes" else "UNDECIDED"
-        elif keeps_sf == "yes" and speed["verdict"] in ("slower", "no difference"):
+        elif keeps_sf == "yes" and speed["verdict"] in ("slower", "undecided"):
             ans = "NO"
         else:
             ans = "UNDECIDED"
         frac = hs["gates"].get("ra_frac")
+        undecided = [n for n in (_keeps_seeds(vs_sf, margin), _keeps_seeds(vs_base, margin)) if n]
         nxt = {"YES": "ship it", "NO": "evaluate whether Phase 1 (ra_same_flop) speed is acceptable",
-               "UNDECIDED": "more seeds (--seeds 5) or a longer rung"}[ans]
+               "UNDECIDED": "more seeds (--seeds 3)" if "n=1" in (keeps_sf, keeps_base)
+               else _more_seeds(max(undecided) if undecided else None)}[ans]
         lines.append({"question": q, "answer": ans, "detail":
                       f"ra_headsel - ra_same_flop = {_said(vs_sf)}, {_fmt_speed(speed, 'ra_same_flop')}; "
                       f"ra_headsel - sdpa = {_said(vs_base)}"
@@ -595,7 +577,7 @@ def verdicts(results, groups):
                       "detail": "needs sdpa and at least one other variant that finished"})
     for v in ra if base is not None and base["n_ok"] > 0 else []:
         d = v["vs_baseline_at_time"]
-        ans = {"better": "YES", "no difference": "NO (no difference)", "worse": "NO (worse)",
+        ans = {"better": "YES", "undecided": "UNDECIDED", "worse": "NO (worse)",
                "n=1, no CI": "UNDECIDED"}.get(d["verdict"], "UNDECIDED (no overlap)" if d["verdict"] == "no overlap"
                                                else "not run")
         axis = "steady time (step x median ms/step)" if results["time_axis"] == "steady" else "training time"
@@ -628,18 +610,21 @@ def render_tables(results):
     base = results["baseline"] or "(no baseline)"
     out = ["## Final validation loss", "",
            f"Mean ± std over seeds; Δ = variant − {base}, paired by seed, with its 95% CI (t, n−1 dof). "
-           "An interval containing 0 is \"no difference\".", "",
-           f"| variant | seeds ok | val loss | Δ vs {base} [95% CI] | verdict | ms/step | × {base} | steps | train s |",
+           "MDE: the CI's half-width, the smallest difference this comparison resolves. An interval containing 0 "
+           "is \"undecided\", with the seeds that would decide it if the observed mean and spread held.", "",
+           f"| variant | seeds ok | val loss | Δ vs {base} [95% CI] | verdict (MDE, n) | ms/step | × {base} | steps | "
+           f"train s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for v in results["variants"]:
         mean = _f(v["final_val_mean"]) + (f" ± {_f(v['final_val_std'])}" if v["final_val_std"] is not None else "")
         if v["n_ok"] == 0:
             mean = "FAILED"
-        verdict = "baseline" if v.get("is_baseline") else v.get("vs_baseline", {}).get("verdict", "-")
+        verdict = "baseline" if v.get("is_baseline") else _verdict_cell(v.get("vs_baseline"))
         ratio = "1.00" if v.get("is_baseline") else _ratio(v.get("ms_ratio")) if v.get("ms_ratio") else "-"
         out.append(f"| {v['label']} | {v['n_ok']}/{v['n_runs']} | {mean} | "
                    f"{'-' if v.get('is_baseline') else _fmt_delta(v.get('vs_baseline'), cell=True)} | {verdict} | "
                    f"{_f(v['ms_per_step'], 1)} | {ratio} | {_f(v['steps'], 0)} | {_f(v['train_time_s'], 1)} |")
+    out += ["", "## What this ladder resolves", ""] + [f"- {x}" for x in resolution_lines(results)]
     s = results["equal_step"]
     axis = ("train_time_s (training steps only: no eval, no checkpoints) less the first interval's warm-up"
             if results["time_axis"] == "measured" else
@@ -655,8 +640,8 @@ def render_tables(results):
             out.append(f"| {v['label']} | {_f(v['val_at_step_mean'])} | - | baseline | - | - | baseline |")
             continue
         a, t = v.get("vs_baseline_at_step"), v.get("vs_baseline_at_time")
-        out.append(f"| {v['label']} | {_f(v['val_at_step_mean'])} | {_fmt_delta(a, cell=True)} | {(a or {}).get('verdict', '-')} | "
-                   f"{_f((t or {}).get('time_s'), 1)} | {_fmt_delta(t, cell=True)} | {(t or {}).get('verdict', '-')} |")
+        out.append(f"| {v['label']} | {_f(v['val_at_step_mean'])} | {_fmt_delta(a, cell=True)} | {_verdict_cell(a)} | "
+                   f"{_f((t or {}).get('time_s'), 1)} | {_fmt_delta(t, cell=True)} | {_verdict_cell(t)} |")
     out += ["", "## Sanity checks", "",
             "Per run: finished; train loss fell (last logged < 0.99 × first logged); every loss and attention "
             "metric finite; gates in range; on synthetic data the val loss must not beat the task's ideal "
@@ -673,12 +658,67 @@ def render_tables(results):
                        f"{_check(c, 'finite')} | {_check(c, 'gates in range')} | {gates} | {_check(c, 'causal')} | "
                        f"{'-' if used is None else ('yes' if used['info'] else 'no')} | "
                        f"{'PASS' if all(x['ok'] is not False for x in c.values()) else 'FAIL'} |")
+    out += settings_lines(results)
     out += ["", "## Verdicts (the roadmap's decision tree)", "",
-            "Each answer with the numbers that decided it. YES to \"better\" needs the whole 95% CI below 0; a CI "
-            "that contains 0 is \"no difference\"; with one seed nothing is decided.", ""]
+            "Each answer with the numbers that decided it, the MDE and the seed count. YES to \"better\" needs the "
+            "whole 95% CI below 0; a CI that contains 0 is \"undecided\"; with one seed nothing is decided.", ""]
     for line in results["verdicts"]:
         out.append(f"- **{line['question']}** {line['answer']}: {line['detail']}")
     return "\n".join(out) + "\n"
+
+
+def resolution_lines(results):
+    """The ladder's own noise: the MDE range of its final-loss comparisons and the same-seed repeat."""
+    out = []
+    res = results.get("resolution")
+    if res:
+        seeds = f"n={res['n_min']}" if res["n_min"] == res["n_max"] else f"n={res['n_min']}-{res['n_max']}"
+        mde = (f"±{res['mde_min']:.4f}" if f"{res['mde_min']:.4f}" == f"{res['mde_max']:.4f}" else
+               f"±{res['mde_min']:.4f} to ±{res['mde_max']:.4f}")
+        out.append(f"final val loss vs the baseline: MDE {mde} nats ({seeds} seeds): smaller differences are not "
+                   f"resolved by this ladder")
+    else:
+        out.append("no paired comparison with >= 2 seeds: no MDE (run --seeds 3 or more)")
+    for r in results.get("repeats", []):
+        if r["diff"] is None:
+            out.append(f"same-seed repeat {r['name']} of {r['of']}: {r['status']}, no difference computed (one of the "
+                       f"two did not finish)")
+            continue
+        curve = (f"; largest |Δ| over the val curve {r['max_abs_curve_diff']:.4f} at step {r['at_step']}"
+                 if r["max_abs_curve_diff"] is not None else "")
+        out.append(f"same-seed repeat ({r['attn']} seed {r['seed']}, another process): final val "
+                   f"{r['original_final_val']:.4f} then {r['final_val']:.4f}, Δ = {r['diff']:+.4f} nats{curve}. "
+                   f"That much is GPU non-determinism, not attention; it is inside every paired difference above")
+    if not results.get("repeats"):
+        out.append("no same-seed repeat in this ladder (--repeat measures the GPU's non-determinism)")
+    return out
+
+
+def settings_lines(results):
+    """The attention options each variant ran with (the fields its class reads, from config.json), and for
+    head-selective variants when a run's RA heads all switched off."""
+    out = ["", "## Variant settings", "", "The GPTConfig fields each variant reads (its class's `options`), "
+           "from its runs' config.json.", ""]
+    for v in results["variants"]:
+        s = ", ".join(f"{k}={val}" for k, val in v.get("settings", {}).items()) or "(none)"
+        out.append(f"- {v['label']}: {s}")
+    sel = [v for v in results["variants"] if v.get("head_selective")]
+    if sel:
+        out += ["", "Head-selective runs (ra_frac: the fraction of RA heads, mean over layers):", ""]
+    for v in sel:
+        for r in v["runs"]:
+            h = r.get("heads_off")
+            if h is None:
+                text = "no ra_frac logged"
+            elif h["step"] is None:
+                text = f"RA heads on to the end (ra_frac {h['final']:.2f} at the last log)"
+            elif h["stayed"]:
+                text = f"every RA head switched off: ra_frac reached 0 at step {h['step']} and stayed 0"
+            else:
+                text = (f"ra_frac reached 0 at step {h['step']}, later rose again (ra_frac {h['final']:.2f} at the "
+                        f"last log)")
+            out.append(f"- {v['label']} seed {r['seed']}: {text}")
+    return out
 
 
 def _check(checks, name, show_detail=False):
@@ -727,66 +767,6 @@ def render_markdown(results, title="Quality comparison"):
     return "\n".join(head) + "\n\n" + render_tables(results) + "\n".join(runs) + "\n"
 
 
-# ----------------------------------------------------------------------------- plots
-
-def _curve_band(runs, xkey, n_grid=60):
-    """Mean, min and max over seeds of val loss on a grid the seeds all cover (one seed: its own points)."""
-    curves = [(r[xkey], r["val_losses"]) for r in runs if r["ok"] and len(r[xkey]) >= 1]
-    if not curves:
-        return None
-    if len(curves) == 1:
-        xs, ys = curves[0]
-        return list(xs), list(ys), list(ys), list(ys)
-    lo, hi = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
-    if hi <= lo:
-        return None
-    grid = [lo + (hi - lo) * i / (n_grid - 1) for i in range(n_grid)]
-    vals = [[interp(xs, ys, g) for xs, ys in curves] for g in grid]
-    return grid, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
-
-
-def write_plots(groups, out_dir, baseline=None, time_axis="measured", reference=None):
-    """val loss vs step and vs training time, one line per variant (mean over seeds) with a min-max band.
-    Returns the file names written ([] with a notice when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots: matplotlib is not installed, skipping them (pip install matplotlib, or run "
-              "`python compare.py <ladder folder>` where it is)")
-        return []
-    written = []
-    tlabel = "training time (s, no eval)" if time_axis == "measured" else "steady time (s): step x median ms/step"
-    for xkey, xlabel, fname, title in (("val_steps", "step", "val_loss_vs_step.png", "step"),
-                                       (TIME_KEYS[time_axis], tlabel, "val_loss_vs_time.png", "training time")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, rs in groups:
-            band = _curve_band(rs, xkey)
-            if band is None:
-                continue
-            x, mean, lo, hi = band
-            n = sum(r["ok"] for r in rs)
-            line, = ax.plot(x, mean, label=f"{label} (n={n})", lw=2.2 if label == baseline else 1.4,
-                            marker="o" if len(x) <= 12 else None, ms=3)
-            if n > 1:
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-        for name, style in (("ideal", ":"), ("no_attention_bound", "--")):
-            if reference and reference.get(name) is not None:
-                ax.axhline(reference[name], color="gray", ls=style, lw=1, label=name.replace("_", " "))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss (nats/token)")
-        ax.set_title(f"val loss vs {title} (line: mean over seeds; band: min-max)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(Path(out_dir) / fname, dpi=110)
-        plt.close(fig)
-        written.append(fname)
-    return written
-
-
 def write_report(runs, out_dir, baseline=None, order=None, meta=None, title="Quality comparison", plots=True,
                  time_axis="measured", margin=MARGIN):
     """Build the results from loaded runs and write results.json, results.md and the plots into out_dir."""
@@ -799,7 +779,9 @@ def write_report(runs, out_dir, baseline=None, order=None, meta=None, title="Qua
     groups = group_runs(runs, order)
     results = build_results(runs, baseline=baseline, order=order, meta=meta, time_axis=time_axis, margin=margin)
     if plots:
-        meta["plots"] = write_plots(groups, out_dir, results["baseline"], time_axis, meta.get("reference_loss"))
+        meta["plots"] = (ladder_plots.write_val_plots(groups, out_dir, results["baseline"], time_axis,
+                                                      meta.get("reference_loss"))
+                         + ladder_plots.write_gate_plots(groups, out_dir))
     results["meta"] = meta
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = render_markdown(results, title)

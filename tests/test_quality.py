@@ -1,14 +1,18 @@
-"""The quality ladder: its statistics on hand-made numbers, a 20-step CPU sanity ladder end to end, and
-compare.py rebuilding the same table from the run folders."""
+"""The quality ladder: its statistics against scipy and hand-computed values, the MDE and seeds-needed logic,
+the --repeat and --gpus planning, the errors before any run, gate plots and reports from hand-made run folders,
+and small CPU ladders end to end (in-process, through the GPU workers' path, and as subprocesses), with compare.py
+rebuilding the same table from the run folders."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,6 +21,8 @@ import attention  # noqa: E402
 import ladder_report as lr  # noqa: E402
 import quick_quality_test as qqt  # noqa: E402
 from data.synthetic import make_synthetic, reference_losses  # noqa: E402
+from ladder import plots, workers  # noqa: E402
+from ladder import stats as ls  # noqa: E402
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -27,21 +33,34 @@ def test_t_quantile_matches_tables(p, df, t):
     assert lr.t_quantile(p, df) == pytest.approx(t, abs=1e-4)
 
 
-def test_paired_ci_no_difference():
+def test_paired_ci_by_hand_and_undecided():
     base = {1: 3.00, 2: 3.10, 3: 3.20}
     var = {1: 3.01, 2: 3.13, 3: 3.19}  # d = +0.01, +0.03, -0.01: mean 0.01, sd 0.02
     d = lr.paired_delta(var, base)
-    half = 4.302653 * 0.02 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n) = 0.049683
+    half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)  # = 0.049683
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.01) and d["sd"] == pytest.approx(0.02)
-    assert d["lo"] == pytest.approx(0.01 - half, abs=1e-6) and d["hi"] == pytest.approx(0.01 + half, abs=1e-6)
-    assert d["verdict"] == "no difference"  # a positive mean whose CI contains 0 is not a loss, and vice versa
+    assert d["half_width"] == pytest.approx(half) and half == pytest.approx(0.049683, abs=1e-6)
+    assert d["lo"] == pytest.approx(0.01 - half) and d["hi"] == pytest.approx(0.01 + half)
+    # a CI that contains 0 is undecided; at sd 0.02 the CI half-width drops below 0.01 at n = 18:
+    # t(0.975, 16) * 0.02 / sqrt(17) = 0.01028, t(0.975, 17) * 0.02 / sqrt(18) = 0.00995
+    assert d["verdict"] == "undecided" and d["seeds_needed"] == 18
+    assert "~18 seeds would decide it" in ls.decide_note(d)
+
+
+def test_seeds_needed_edges():
+    assert ls.seeds_needed(0.0, 0.02) is None  # a zero mean is never decided
+    assert ls.seeds_needed(0.01, 0.0) == 2  # no spread: two seeds give a zero-width CI
+    assert ls.seeds_needed(1e-6, 0.5) is None  # far below the spread: more than MAX_SEEDS
+    for mean, sd in ((0.01, 0.02), (-0.03, 0.01), (0.1, 0.3)):
+        n = ls.seeds_needed(mean, sd)
+        assert ls.half_width(sd, n) < abs(mean) and (n == 2 or ls.half_width(sd, n - 1) >= abs(mean))
 
 
 def test_paired_ci_worse_and_better():
     base = {1: 3.0, 2: 3.0, 3: 3.0}
     worse = lr.paired_delta({1: 3.10, 2: 3.12, 3: 3.11}, base)  # d mean 0.11, sd 0.01 -> [0.0852, 0.1348]
-    assert worse["lo"] == pytest.approx(0.11 - 4.302653 * 0.01 / math.sqrt(3), abs=1e-6)
-    assert worse["verdict"] == "worse"
+    assert worse["lo"] == pytest.approx(0.11 - stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3))
+    assert worse["verdict"] == "worse" and ls.decide_note(worse) == ""
     better = lr.paired_delta({1: 2.90, 2: 2.88, 3: 2.89}, base)
     assert better["verdict"] == "better" and better["hi"] < 0
 
@@ -57,7 +76,7 @@ def test_pairing_removes_the_seed_to_seed_spread():
 
 def test_one_seed_has_no_ci_and_no_seed_is_not_run():
     d = lr.paired_delta({7: 2.9}, {7: 3.0})
-    assert d["n"] == 1 and d["lo"] is None and d["verdict"] == "n=1, no CI"
+    assert d["n"] == 1 and d["lo"] is None and d["half_width"] is None and d["verdict"] == "n=1, no CI"
     assert lr.paired_delta({1: 2.9}, {2: 3.0})["verdict"] == "not run"
 
 
@@ -77,21 +96,31 @@ def test_reference_losses_by_hand():
 
 # ----------------------------------------------------------------------------- verdicts from made-up run folders
 
-def fake_run(root, attn, seed, vals, ms=10.0, ra_R=8, gates=None, status="done"):
-    """A run folder like train.py's: evals every 10 steps with the given val losses, ms per step constant."""
-    d = root / f"{attn}-s{seed}"
+def fake_run(root, attn, seed, vals, ms=10.0, ra_R=8, gates=None, status="done", head_gates=None, name=None,
+             repeat_of=None):
+    """A run folder like train.py's: evals every 10 steps with the given val losses, ms per step constant.
+    gates: {metric: value} logged as attn/mean/NAME and attn/l0/NAME at every step, or {metric: [value per
+    eval]}; head_gates(step) -> the "gates" record {"l{i}/{gate}": [per head]} of that step."""
+    d = root / (name or f"{attn}-s{seed}")
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"attn": attn, "seed": seed, "ra_R": ra_R, "lr": 1e-3,
-                                               "run_name": d.name, "out_dir": str(root)}))
+                                               "ra_w_rec_init": 0.3, "run_name": d.name, "out_dir": str(root)}))
     lines = []
     for i, v in enumerate(vals, 1):
         step = 10 * i
-        lines.append({"step": step, "loss": v + 0.1, "ms_per_step": ms,
-                      "train_time_s": step * ms / 1000, **{f"attn/mean/{k}": x for k, x in (gates or {}).items()}})
+        g = {k: (x[i - 1] if isinstance(x, list) else x) for k, x in (gates or {}).items()}
+        rec = {"step": step, "loss": v + 0.1, "ms_per_step": ms, "train_time_s": step * ms / 1000,
+               **{f"attn/mean/{k}": x for k, x in g.items()}, **{f"attn/l0/{k}": x for k, x in g.items()}}
+        if head_gates:
+            rec["gates"] = head_gates(step)
+        lines.append(rec)
         lines.append({"step": step, "val_loss": v, "train_time_s": step * ms / 1000})
     (d / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (d / "summary.json").write_text(json.dumps({"status": status, "step": 10 * len(vals),
                                                 "train_time_s": 10 * len(vals) * ms / 1000}))
+    if repeat_of:
+        (d / "ladder_run.json").write_text(json.dumps({"attn": attn, "seed": seed, "status": status,
+                                                       "repeat_of": repeat_of}))
     return d
 
 
@@ -109,10 +138,11 @@ def test_decision_tree_from_known_numbers(tmp_path):
     res = lr.build_results(runs, order=attention.names())
     assert [v["label"] for v in res["variants"]][0] == "sdpa"
     sf = next(v for v in res["variants"] if v["attn"] == "ra_same_flop")
-    assert sf["vs_baseline"]["mean"] == pytest.approx(0.002) and sf["vs_baseline"]["verdict"] == "no difference"
+    assert sf["vs_baseline"]["mean"] == pytest.approx(0.002) and sf["vs_baseline"]["verdict"] == "undecided"
+    assert sf["vs_baseline"]["half_width"] == pytest.approx(stats.t.ppf(0.975, 2) * 0.001 / math.sqrt(3))
     assert sf["ms_ratio"] == pytest.approx(1.3)
     v = verdict_map(res)
-    assert v["R=8 keeps val loss (within noise)?"] == "YES"  # no difference is "keeps", not a win
+    assert v["R=8 keeps val loss (within noise)?"] == "YES"  # the CI lies below the margin: keeps, not a win
     assert v["head-selective helps?"] == "YES"  # 0.1 lower than ra_same_flop on every seed, not worse than sdpa
     # equal time: every run of 30 steps at 10 ms ends at 0.3 s: ra_headsel is 0.097-0.099 lower there
     hs = next(v for v in res["variants"] if v["attn"] == "ra_headsel")
@@ -124,11 +154,14 @@ def test_decision_tree_from_known_numbers(tmp_path):
     assert sf_t["mean"] == pytest.approx(3.0 - 0.5 * 0.04 / 0.13 - 2.5 + 0.002 * 0.04 / 0.13, abs=1e-9)
     assert v["quality-per-ms better than baseline? [ra_same_flop]"] == "NO (worse)"
     md = lr.render_tables(res)
-    assert "| ra_headsel | 3/3 |" in md and "no difference" in md
+    assert "| ra_headsel | 3/3 |" in md and "undecided (MDE ±0.0025, n=3): ~" in md
+    assert "MDE ±0.0025 nats (n=3 seeds)" in md  # what this ladder resolves
+    assert "- ra_headsel: " in md and "ra_w_rec_init=0.3" in md  # the settings its class reads
+    assert "RA heads on to the end (ra_frac 0.50" in md
 
 
 def test_keeping_the_loss_needs_a_narrow_ci_and_faster_needs_a_speed_ci(tmp_path):
-    # ra_same_flop: d = -0.5, +0.4, 0.0 -> "no difference" in the table, but far too wide to say it keeps the loss
+    # ra_same_flop: d = -0.5, +0.4, 0.0 -> "undecided" in the table, and far too wide to say it keeps the loss
     # ra_headsel: equal to ra_same_flop within 0.001 on every seed, and 20-22% faster on every seed
     for seed, d in zip((1, 2, 3), (-0.5, 0.4, 0.0)):
         fake_run(tmp_path, "sdpa", seed, [4.0, 3.0], ms=10)
@@ -136,11 +169,12 @@ def test_keeping_the_loss_needs_a_narrow_ci_and_faster_needs_a_speed_ci(tmp_path
         fake_run(tmp_path, "ra_headsel", seed, [4.0, 3.0 + d + 0.001 * (seed - 2)], ms=8 - 0.1 * seed)
     res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
     sf = next(v for v in res["variants"] if v["attn"] == "ra_same_flop")
-    assert sf["vs_baseline"]["verdict"] == "no difference"
+    assert sf["vs_baseline"]["verdict"] == "undecided"
     v = verdict_map(res)
     assert v["R=8 keeps val loss (within noise)?"] == "UNDECIDED"
-    assert "too wide to tell" in res["verdicts"][0]["detail"]
-    # within the margin of ra_same_flop and faster (CI below 1), but not shown to keep sdpa's loss: undecided
+    detail = res["verdicts"][0]["detail"]
+    assert "too wide to tell" in detail and "MDE ±" in detail and "n=3" in detail
+    # within the margin of ra_same_flop and faster (CI), but not shown to keep sdpa's loss: undecided
     assert "faster" in res["verdicts"][1]["detail"] and v["head-selective helps?"] == "UNDECIDED"
     s = lr.speed_ratio([lr.load_run(tmp_path / f"ra_headsel-s{i}") for i in (1, 2, 3)],
                        [lr.load_run(tmp_path / f"ra_same_flop-s{i}") for i in (1, 2, 3)])
@@ -157,10 +191,158 @@ def test_verdicts_say_not_run_and_n1(tmp_path):
     assert v["head-selective helps?"] == "not run"
 
 
+def test_r_sweep_gives_one_verdict_per_r(tmp_path):
+    for seed in (1, 2):
+        fake_run(tmp_path, "sdpa", seed, [3.0, 2.5 + 0.01 * seed])
+        for R in (4, 12):
+            fake_run(tmp_path, "ra_same_flop", seed, [3.0, 2.5 + 0.01 * seed + 0.001 * R], ra_R=R,
+                     name=f"ra_same_flop-ra_R{R}-s{seed}")
+    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])], order=attention.names())
+    assert [v["label"] for v in res["variants"]] == ["sdpa", "ra_same_flop (ra_R=12)", "ra_same_flop (ra_R=4)"]
+    qs = [q for q in verdict_map(res) if "keeps val loss" in q]
+    assert qs == ["R=12 keeps val loss (within noise)? [ra_same_flop (ra_R=12)]",
+                  "R=4 keeps val loss (within noise)? [ra_same_flop (ra_R=4)]"]
+
+
 def test_gate_out_of_range_fails_the_sanity_check(tmp_path):
-    run = lr.load_run(fake_run(tmp_path, "ra_headsel", 1, [3.0, 2.5], gates={"ra_frac": 1.5, "w_rec": -0.1}))
+    # the ranges come from the class: HeadSelRA.gate_ranges has ra_frac in [0, 1] and w_rec >= 0
+    assert attention.get_class("ra_headsel").gate_ranges["ra_frac"] == (0.0, 1.0)
+    run = lr.load_run(fake_run(tmp_path, "ra_headsel", 1, [3.0, 2.5], gates={"ra_frac": 1.5, "w_rec": 0.2}))
     assert run["checks"]["gates in range"]["ok"] is False and not lr.run_passes(run)
     assert "ra_frac" in run["checks"]["gates in range"]["detail"]
+    # a per-head gate below its range in the "gates" records, while the layer means look fine
+    run = lr.load_run(fake_run(tmp_path / "b", "ra_same_flop", 1, [3.0, 2.5], gates={"w_rec": 0.2},
+                               head_gates=lambda s: {"l0/w_rec": [0.3, -0.1 if s == 20 else 0.1]}))
+    assert run["checks"]["gates in range"]["ok"] is False
+    assert "gates/l0/w_rec[1]=-0.1 at step 20" in run["checks"]["gates in range"]["detail"]
+    run = lr.load_run(fake_run(tmp_path / "c", "ra_same_flop", 1, [3.0, 2.5],
+                               head_gates=lambda s: {"l0/w_rec": [float("nan"), 0.1]}))
+    assert run["checks"]["finite"]["ok"] is False
+
+
+def headsel_gates(n_layer=2, n_head=3, off_at=20):
+    """Per-head gates of a head-selective run whose heads all switch off at step off_at."""
+    def at(step):
+        on = 1.0 if step < off_at else 0.0
+        return {**{f"l{i}/w_rec": [0.3 - 0.01 * step * (h + 1) / 10 for h in range(n_head)] for i in range(n_layer)},
+                **{f"l{i}/ra_on": [on] * n_head for i in range(n_layer)}}
+    return at
+
+
+def test_gate_plots_and_heads_off_from_synthetic_logs(tmp_path):
+    runs_dir = tmp_path / "runs"
+    for seed in (1, 2):
+        fake_run(runs_dir, "sdpa", seed, [4.0, 3.0, 2.9, 2.8])
+        fake_run(runs_dir, "ra_headsel", seed, [4.0, 3.0, 2.9, 2.8], gates={"ra_frac": [1.0, 0.0, 0.0, 0.0]},
+                 head_gates=headsel_gates())
+    runs = [lr.load_run(d) for d in lr.discover_runs([runs_dir])]
+    hs = next(r for r in runs if r["attn"] == "ra_headsel")
+    assert hs["heads_off"] == {"step": 20, "stayed": True, "final": 0.0}
+    steps, rows, labels = plots.gate_matrix(hs["gate_history"], "w_rec")
+    assert steps == [10, 20, 30, 40] and len(rows) == 2 * 3 and labels == ["l0", "", "", "l1", "", ""]
+    assert rows[4][1] == pytest.approx(0.3 - 0.01 * 20 * 2 / 10)  # layer 1, head 1, step 20
+    out = tmp_path / "report"
+    res, md = lr.write_report(runs, out, order=attention.names())
+    assert "gates_ra_headsel.png" in res["meta"]["plots"] and "gates_sdpa.png" not in res["meta"]["plots"]
+    assert (out / "gates_ra_headsel.png").stat().st_size > 5000
+    assert "ra_headsel seed 1: every RA head switched off: ra_frac reached 0 at step 20 and stayed 0" in md
+
+
+def test_repeat_is_reported_as_noise_not_as_a_seed(tmp_path):
+    for seed in (1, 2):
+        fake_run(tmp_path, "sdpa", seed, [3.0, 2.5 + 0.01 * seed])
+        fake_run(tmp_path, "ra_same_flop", seed, [3.0, 2.52 + 0.01 * seed])
+    fake_run(tmp_path, "sdpa", 1, [3.002, 2.513], name="sdpa-s1-repeat", repeat_of="sdpa-s1")
+    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
+    base = res["variants"][0]
+    assert base["label"] == "sdpa" and base["n_runs"] == 2  # the repeat is not a third sdpa seed
+    (rep,) = res["repeats"]
+    assert rep["of"] == "sdpa-s1" and rep["diff"] == pytest.approx(0.003)
+    assert rep["max_abs_curve_diff"] == pytest.approx(0.003) and rep["at_step"] == 20
+    md = lr.render_tables(res)
+    assert "same-seed repeat (sdpa seed 1, another process): final val 2.5100 then 2.5130, Δ = +0.0030 nats" in md
+
+
+# ----------------------------------------------------------------------------- planning: --repeat, --sweep, --gpus
+
+def test_repeat_and_sweep_planning(tmp_path):
+    a = qqt.parse_args(["--rung", "short", "--seeds", "2", "--variants", "ra_same_flop,ra_headsel", "--repeat",
+                        "--sweep", "ra_R=4,12", "--dataset", "shakespeare"])
+    plan = qqt.plan_runs(a, "x", tmp_path)
+    names = [Path(r["run_dir"]).name for r in plan]
+    assert names[:5] == ["sdpa-s1337", "ra_same_flop-ra_R4-s1337", "ra_same_flop-ra_R12-s1337",
+                         "ra_headsel-ra_R4-s1337", "ra_headsel-ra_R12-s1337"]
+    assert len(plan) == 2 * 5 + 1 and names[-1] == "sdpa-s1337-repeat"
+    rep, first = plan[-1], plan[0]
+    assert rep["repeat_of"] == "sdpa-s1337" and rep["seed"] == first["seed"] == 1337
+    # the repeat runs exactly the first seed's command, in its own folder
+    assert qqt.strip_flag(rep["argv"], ("--run-name",)) == qqt.strip_flag(first["argv"], ("--run-name",))
+    assert plan[1]["argv"][-2:] == ["--ra-R", "4"]
+    jobs = workers.plan_jobs(plan)
+    # one job per variant key (all its seeds in one process), the repeat apart; longest first
+    assert [len(j["runs"]) for j in jobs] == [2, 2, 2, 2, 2, 1]
+    assert jobs[-1]["runs"] == [rep] and all(len({r["key"] for r in j["runs"]}) == 1 for j in jobs)
+    with pytest.raises(SystemExit):
+        qqt.parse_args(["--variants", "ra_swap", "--sweep", "ra_R=4,8"])  # ra_swap does not read ra_R
+
+
+def test_gpu_pool_runs_one_job_per_gpu_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")
+    assert workers.gpu_ids(2) == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert workers.gpu_ids(2) == ["0", "1"]
+    runs = [{"key": k, "run_dir": str(tmp_path / f"{k}-s{s}"), "argv": [], "attn": k, "seed": s, "repeat_of": None}
+            for k in ("a", "b", "c") for s in (1, 2)]
+    started = []
+
+    def fake_worker(job_file, gpu):  # each "worker" takes 1 s and writes its runs' ladder_run.json
+        job = json.loads(Path(job_file).read_text())
+        started.append((gpu, time.time(), [r["seed"] for r in job["runs"]]))
+        code = "".join(f"import pathlib,json; p=pathlib.Path({r['run_dir']!r}); p.mkdir(parents=True); "
+                       f"(p/'ladder_run.json').write_text(json.dumps({{'status': 'done'}}));" for r in job["runs"])
+        return subprocess.Popen([sys.executable, "-c", code + "import time; time.sleep(1); print('ok')"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    records, interrupted = workers.run_pool(workers.plan_jobs(runs), ["0", "1"], tmp_path / "jobs",
+                                            launch_worker=fake_worker)
+    assert not interrupted and len(records) == 6 and all(r["status"] == "done" for r in records)
+    assert len(started) == 3 and {g for g, _, _ in started} == {"0", "1"}  # the third on whichever GPU freed first
+    assert all(s == [1, 2] for *_, s in started)
+    t = sorted(t for _, t, _ in started)
+    assert t[1] - t[0] < 0.8 and t[2] - t[0] > 0.8  # two at once; the third waits for a free GPU
+
+
+def test_errors_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(workers, "visible_gpus", lambda: 2)
+    with pytest.raises(SystemExit, match=r"--gpus 3 but 2 GPUs are visible"):
+        qqt.main(["--rung", "short", "--gpus", "3", "--out-dir", str(tmp_path / "l"), "--dataset", "nope"])
+    assert not (tmp_path / "l").exists()
+    a = qqt.parse_args(["--rung", "short", "--launch", "subprocess", "--gpus", "2"])
+    with pytest.raises(SystemExit, match="needs --launch workers"):
+        qqt.check_gpus(a)
+    # a ladder folder remembers its corpus and flags
+    state = {"corpus": {"name": "prose", "tokens": {"train": 100, "val": 10}, "sha256": "a" * 64},
+             "flags": {"lr": 6e-4, "max_steps": 1400}, "rung": "short"}
+    qqt.check_state(tmp_path, state)
+    qqt.check_state(tmp_path, state)  # the same corpus and flags: fine
+    other = {**state, "corpus": {**state["corpus"], "tokens": {"train": 101, "val": 10}, "sha256": "b" * 64}}
+    with pytest.raises(SystemExit, match="another version of the corpus"):
+        qqt.check_state(tmp_path, other)
+    with pytest.raises(SystemExit, match=r"other training flags \(lr: 0.0006 then, 0.001 now\)"):
+        qqt.check_state(tmp_path, {**state, "flags": {"lr": 1e-3, "max_steps": 1400}})
+    meta = {"name": "prose", "tokens": {"train": 100, "val": 10}, "created": "then"}
+    assert qqt.corpus_identity(meta) == qqt.corpus_identity({**meta, "created": "now"})  # re-prepared: same
+    assert qqt.corpus_identity(meta) != qqt.corpus_identity({**meta, "tokens": {"train": 99, "val": 10}})
+
+
+def test_one_pass_steps_and_val_batches():
+    import train
+
+    tc, mc, _ = train.resolve_config(["--preset", "gpt2-124m", "--batch-size", "16", "--device", "cpu"])
+    meta = {"name": "prose", "tokens": {"train": 23_000_000, "val": 1_200_000}}
+    steps, eval_batches = qqt.one_pass(meta, tc, mc)
+    assert steps == 23_000_000 // (16 * 1024) == 1403
+    assert eval_batches == math.ceil(((1_200_000 - 1) // 1024) / 16)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -241,7 +423,8 @@ def test_rerun_reuses_finished_runs(ladder):
     p = subprocess.run(ladder["cmd"], cwd=ladder["tmp"], env=ladder["env"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert p.stdout.count("reusing the finished run") == len(ladder["variants"])
+    assert f"runs: {len(ladder['variants'])} finished (reused), 0 to resume, 0 to start" in p.stdout
+    assert "python train.py" not in p.stdout  # nothing ran again
     assert "sanity: PASS" in p.stdout
 
 
@@ -270,6 +453,8 @@ def test_a_failing_variant_is_a_failed_row_not_the_end(monkeypatch, tmp_path):
     import torch.nn as nn
 
     class Broken(nn.Module):
+        ra_family, head_selective, options, gate_ranges, attn_flop_mult = True, False, (), {}, 1.0  # the contract
+
         def __init__(self, cfg):
             super().__init__()
 
@@ -299,3 +484,30 @@ def test_subprocess_launch(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert json.loads((out / "sdpa-s1337" / "ladder_run.json").read_text())["launch"] == "subprocess"
     assert (out / "results.md").exists()
+
+
+def test_worker_ladder_end_to_end_with_repeat_and_state(tmp_path):
+    # the GPU path on a CPU: one worker process per variant (its two seeds in one process), the repeat in a
+    # third; CPU training is deterministic, so the same-seed repeat must come out identical
+    out = tmp_path / "ladder"
+    cmd = [sys.executable, str(ROOT / "quick_quality_test.py"), "--steps", "6", "--variants", "ra_same_flop",
+           "--seeds", "2", "--repeat", "--launch", "workers", "--out-dir", str(out), "--data-root",
+           str(tmp_path / "data"), "--train-args", SHRINK]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("[gpu 0] ") >= 3 and "3 job" not in p.stdout
+    assert "ra_same_flop-s1337 (1/2): starting" in p.stdout and "ra_same_flop-s1338 (2/2): starting" in p.stdout
+    rec = json.loads((out / "sdpa-s1337-repeat" / "ladder_run.json").read_text())
+    assert rec["launch"] == "worker" and rec["repeat_of"] == "sdpa-s1337" and rec["status"] == "done"
+    res = json.loads((out / "results.json").read_text())
+    assert [v["n_runs"] for v in res["variants"]] == [2, 2]
+    assert res["repeats"][0]["diff"] == 0.0
+    md = (out / "results.md").read_text()
+    assert "Δ = +0.0000 nats" in md and "MDE ±" in md
+    assert json.loads((out / "ladder_state.json").read_text())["flags"]["max_steps"] == 6
+    # other flags on the same folder: refused before any run
+    p = subprocess.run(cmd[:-1] + [SHRINK + " --lr 1e-3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "other training flags (lr: 0.002 then, 0.001 now)" in p.stderr, p.stderr[-2000:]
+    assert "[gpu" not in p.stdout
