@@ -45,7 +45,7 @@ class GPTConfig:
     ra_route_every: int = 0  # 0: route on the device every step; N: refresh the routing every N steps
     ra_token_frac: float = 0.2  # target fraction of tokens that use the reciprocal channel
     ra_token_penalty: float = 0.01  # weight of the token-fraction penalty
-    ra_quant: str = "none"  # none|int8 (|fp8 for the CTR kernel): precision of the reciprocal channel
+    ra_quant: str = "none"  # none|int8: precision of the reciprocal channel (int8: fake-quantized, same-FLOP family)
 
     @property
     def padded_vocab_size(self):
@@ -142,8 +142,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, return_logits=True):
         """idx (B, T) token ids -> (logits (B, T, padded_vocab) or None, loss or None).
-        Training passes return_logits=False: a compiled step that returns the 1.6 GB of logits
-        (GPT-2 124M, batch 16 x 1024) ran 2.3% slower on an H100 (docs/bench.md)."""
+        Training passes return_logits=False: a compiled step that also returns the logits (1.6 GB at
+        GPT-2 124M, batch 16 x 1024) keeps them alive and writes them out, which costs step time
+        (measured in docs/bench.md)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")

@@ -4,7 +4,7 @@ Attention implementations, by name.
 A variant is an nn.Module built as `Class(cfg)` from a GPTConfig that maps the
 block input x (B, T, C) to (B, T, C). It owns its QKV and output projections.
 It declares what it is on the class, so nothing else in the repo (train.py, the
-ladder, bench.py, ladder_report.py, the tests) matches on its name.
+ladder, bench.py, the tests) matches on its name.
 
 Required, on every class in REGISTRY:
   ra_family: bool               True for a reciprocal-attention variant (the ladder, ra_names())

@@ -24,32 +24,20 @@ preprocessing kernel). With dS = P * (dP - Delta), dP = dO V^T:
 
 A program owning key block J and sweeping the query blocks I >= J (the KV-major FA2 order) gets the
 column forms of dq_J AND dk_J (and dv_J) in registers; the row forms of dq_I, dk_I belong to other
-programs. Two schemes, chosen by `bwd=`:
-
-  "fused" (default, deterministic, no atomics): each program X first does a row sweep over key
-      blocks J <= X (X as the query block: row parts of dq_X, dk_X, and da/db from them as
-      scale q_x.(dS K)_x and scale k_x.(dS Q)_x), then the column sweep over query blocks I >= X
-      (dv, column parts of dk_X, dq_X), recomputing P in both. Work per program is constant
-      (T / BLOCK_M steps for every X). 11 tile products per RA block pair (plain heads: 7, like
-      the Triton tutorial) instead of 8, but dq/dk are stored once, in the input dtype. With the
-      forward's 3 that is 14 products against plain attention's 7 (cuDNN adds dQ across programs):
-      at equal tile speed 2.0x, which is where the ratio heads as T grows (docs/bench.md).
-  "atomic": one column sweep per program; the row parts of dq_I and dk_I go to fp32 buffers by
-      tl.atomic_add (8 tile products per RA pair, 5 for plain heads, like FA2), then a cast.
-      Not bitwise deterministic.
+programs. So each program X first does a row sweep over key blocks J <= X (X as the query block:
+row parts of dq_X, dk_X, and da/db from them as scale q_x.(dS K)_x and scale k_x.(dS Q)_x), then
+the column sweep over query blocks I >= X (dv, column parts of dk_X, dq_X), recomputing P in both.
+Work per program is constant (T / BLOCK_M steps for every X); no atomics, so the backward is
+deterministic and dq/dk are stored once, in the input dtype. The price: 11 tile products per RA
+block pair (plain heads: 7, like the Triton tutorial) instead of the 8 of a scheme that adds the
+row parts into fp32 buffers by atomics; with the forward's 3 that is 14 products against plain
+attention's 7, i.e. 2.0x at equal tile speed. (The atomic scheme and its variants were measured
+slower: docs/bench.md, "Tried and dropped".)
 
 da, db: per-program partial sums into a buffer, reduced in torch (deterministic).
 
-Measured (H100, torch 2.11, Triton 3.6, bf16, B=8 H=12, fwd+bwd, CUDA-graph replays so the host
-overhead is out; tests/gpu_check_ctr.py): vs cuDNN SDPA (is_causal) 1.75x at T=1024 D=64, 2.00x at
-T=2048, 2.09x at T=4096, 3.3x at D=128 (the backward spills registers there); 25% RA heads 1.49x.
-"atomic" was slower than "fused" everywhere (scalar fp32 red.global per element, register spills);
-a version of it with TMA bulk tile reductions (FlashAttention-3's way of adding dQ) was slower
-still (docs/bench.md, "Tried and dropped").
-Eager (do_bench, host included, B=8 H=12 T=1024 D=64) one forward+backward takes 0.94 ms on that
-VM, 0.80 ms when the same launches are called from a plain autograd.Function (the custom op's
-dispatch, ~0.15 ms), vs 0.25 ms for SDPA: small shapes are host-bound unless compiled or captured
-in a CUDA graph (docs/results/2026-11-25-h100-session4-host-overhead.txt).
+Speed against cuDNN SDPA, and why small shapes are host-bound unless compiled or captured in a
+CUDA graph (the custom op's dispatch costs host time): docs/bench.md.
 
 Head selection: b_h is read in the kernel; a head with b_h == 0 runs the plain-attention loops
 (no Q_J / K_I tiles, no second product), so it costs plain causal attention forward. Its db_h
@@ -64,7 +52,6 @@ interpreter fails with several configs. First use compiles ~7 kernels (about a m
 """
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +59,6 @@ import torch.nn.functional as F
 from attention.functional import ra_operands, reciprocal_attention
 
 from attention.triton_setup import HAS_TRITON, INTERPRET, tl, triton
-LOG2E = 1.4426950408889634
 
 # block shapes used under the interpreter (and by explicit `config=` calls):
 # fwd: BLOCK_M query rows per program, BLOCK_N keys per step (BLOCK_M % BLOCK_N == 0)
@@ -81,12 +67,12 @@ INTERPRET_CONFIG = {
     "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
     "bwd": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
 }
-BWD_SCHEMES = ("fused", "atomic")
 LAST_KERNELS = {}  # the compiled kernels of the last launches (register / spill reports)
-DEFAULT_BWD = os.environ.get("CTR_BWD", "fused")
 
 
 if HAS_TRITON:
+    # the kernels keep scores in log2 units (exp2 is the fast instruction): exp(x) = exp2(x * LOG2E)
+    LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
     def _load_rows(base, offs_r, stride_r, offs_d, T, MASKED: tl.constexpr):
@@ -144,8 +130,8 @@ if HAS_TRITON:
         Vb = V + off_b * svb + off_h.to(tl.int64) * svh
         a = tl.load(A + off_h)
         bw = tl.load(Bw + off_h)
-        ca = a * sm_scale * 1.4426950408889634
-        cb = bw * sm_scale * 1.4426950408889634
+        ca = a * sm_scale * LOG2E
+        cb = bw * sm_scale * LOG2E
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
@@ -195,15 +181,12 @@ if HAS_TRITON:
         tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
     @triton.jit
-    def _bwd_col_inner(dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n,
-                       Qb, Kb, DOb, LSEb, DELb, DQAb, DKAb, sqt, skt, sdot,
+    def _bwd_col_inner(dk, dq, dv, k_x, v_x, q_x, offs_n,
+                       Qb, Kb, DOb, LSEb, DELb, sqt, skt, sdot,
                        lo, hi, T, ca, cb, cqa, ckb, offs_d,
-                       D: tl.constexpr, BLOCK_M: tl.constexpr, RA: tl.constexpr, DB: tl.constexpr,
-                       ATOMIC: tl.constexpr, DIAG: tl.constexpr, MASKED: tl.constexpr):
+                       BLOCK_M: tl.constexpr, RA: tl.constexpr, DIAG: tl.constexpr, MASKED: tl.constexpr):
         """Key block X (rows offs_n) against query blocks [lo, hi), tiles [BLOCK_N, BLOCK_M]:
-        dv and the column forms of dk (factor a), dq (factor b); unscaled when ATOMIC (scaled by
-        the caller), else scaled here. ATOMIC: also the row forms of dq_i, dk_i (atomic adds) and
-        da/db partial sums q_i.(dS K_X)_i, k_i.(dS Q_X)_i into [BLOCK_M] vectors."""
+        dv and the column forms of dk (factor a), dq (factor b), scaled here."""
         offs_m0 = tl.arange(0, BLOCK_M)
         for start_m in range(lo, hi, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -216,7 +199,7 @@ if HAS_TRITON:
                 lse_i = tl.load(LSEb + offs_m)
                 del_i = tl.load(DELb + offs_m)
             sT = tl.dot(k_x, tl.trans(q_i)) * ca  # [j, i]: ca k_j.q_i
-            if RA or (ATOMIC and DB):
+            if RA:
                 k_i = _load_rows(Kb, offs_m, skt, offs_d, T, MASKED)
             if RA:
                 sT += tl.dot(q_x, tl.trans(k_i)) * cb  # + cb q_j.k_i
@@ -227,26 +210,10 @@ if HAS_TRITON:
             dv += tl.dot(pT.to(do_i.dtype), do_i)
             dpT = tl.dot(v_x, tl.trans(do_i))
             dsT = pT * (dpT - del_i[None, :])
-            if ATOMIC:
-                ds_c = dsT.to(q_i.dtype)
-                dk += tl.dot(ds_c, q_i)
-                if RA:
-                    dq += tl.dot(ds_c, k_i)
-                row_ok = offs_m[:, None] < T
-                ptr_off = offs_m[:, None] * D + offs_d[None, :]
-                rq = tl.dot(tl.trans(ds_c), k_x)  # [i, :] = sum_j dS_ij k_j
-                da_v += tl.sum(q_i.to(tl.float32) * rq, 1)
-                tl.atomic_add(DQAb + ptr_off, rq * cqa, mask=row_ok, sem="relaxed")
-                if RA or DB:
-                    rk = tl.dot(tl.trans(ds_c), q_x)  # [i, :] = sum_j dS_ij q_j
-                    db_v += tl.sum(k_i.to(tl.float32) * rk, 1)
-                    if RA:
-                        tl.atomic_add(DKAb + ptr_off, rk * ckb, mask=row_ok, sem="relaxed")
-            else:
-                dk += tl.dot((dsT * cqa).to(q_i.dtype), q_i)
-                if RA:
-                    dq += tl.dot((dsT * ckb).to(k_i.dtype), k_i)
-        return dk, dq, dv, da_v, db_v
+            dk += tl.dot((dsT * cqa).to(q_i.dtype), q_i)
+            if RA:
+                dq += tl.dot((dsT * ckb).to(k_i.dtype), k_i)
+        return dk, dq, dv
 
     @triton.jit
     def _bwd_row_inner(rq, rk, q_x, k_x, do_x, lse_x, del_x, offs_x, Qb, Kb, Vb, sqt, skt, svt,
@@ -279,12 +246,10 @@ if HAS_TRITON:
     def _ctr_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DAB, A, Bw, sm_scale, T, H, BH, NJ,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        ATOMIC: tl.constexpr, NEED_DB: tl.constexpr, EVEN: tl.constexpr):
-        """One program per (block X of BLOCK_N rows, batch*head).
-        ATOMIC: DQ/DK are zeroed fp32 buffers; the column sweep over query blocks I >= X sends the
-            row forms of dq_I, dk_I by atomic adds and the column forms of dq_X, dk_X at the end.
-        else: a row sweep (X as queries, key blocks J <= X) gives the row forms of dq_X, dk_X and
-            da/db, then the column sweep adds the column forms; DQ/DK are written once."""
+                        NEED_DB: tl.constexpr, EVEN: tl.constexpr):
+        """One program per (block X of BLOCK_N rows, batch*head): a row sweep (X as queries, key
+        blocks J <= X) gives the row forms of dq_X, dk_X and da/db, then the column sweep adds the
+        column forms; DQ/DK are written once."""
         tl.static_assert(BLOCK_N % BLOCK_M == 0)
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -301,8 +266,8 @@ if HAS_TRITON:
         DVb = DV + bh.to(tl.int64) * T * D
         a = tl.load(A + off_h)
         bw = tl.load(Bw + off_h)
-        ca = a * sm_scale * 1.4426950408889634
-        cb = bw * sm_scale * 1.4426950408889634
+        ca = a * sm_scale * LOG2E
+        cb = bw * sm_scale * LOG2E
         cqa = a * sm_scale
         ckb = bw * sm_scale
 
@@ -317,65 +282,48 @@ if HAS_TRITON:
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dq = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
-        da_v = tl.zeros([BLOCK_M], tl.float32)
-        db_v = tl.zeros([BLOCK_M], tl.float32)
-        da_sum = 0.0
-        db_sum = 0.0
 
-        if not ATOMIC:
-            # row sweep first: X as the query block against key blocks J <= X
-            do_x = _load_rows(DOb, offs_n, sdot, offs_d, T, True)
-            lse_x = tl.load(LSEb + offs_n, mask=row_ok, other=float("inf"))
-            del_x = tl.load(DELb + offs_n, mask=row_ok, other=0.0)
-            if bw != 0.0:
-                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
-                                        0, start_n, T, ca, cb, offs_d, BLOCK_M, True, True, False)
-                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
-                                        start_n, hi_d, T, ca, cb, offs_d, BLOCK_M, True, True, True)
-            else:
-                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
-                                        0, start_n, T, ca, cb, offs_d, BLOCK_M, False, NEED_DB, False)
-                dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
-                                        start_n, hi_d, T, ca, cb, offs_d, BLOCK_M, False, NEED_DB, True)
-            # da = scale sum_i q_i.(dS K)_i,  db = scale sum_i k_i.(dS Q)_i. The tiles are loaded
-            # again: reusing the dot-operand copies gave wrong sums for some configs (Triton 3.6)
-            q_e = _load_rows(Qb, offs_n, sqt, offs_d, T, True).to(tl.float32)
-            k_e = _load_rows(Kb, offs_n, skt, offs_d, T, True).to(tl.float32)
-            da_sum = tl.sum(tl.sum(q_e * dq, 1), 0) * sm_scale
-            db_sum = tl.sum(tl.sum(k_e * dk, 1), 0) * sm_scale
-            dq = dq * cqa
-            dk = dk * ckb
+        # row sweep first: X as the query block against key blocks J <= X
+        do_x = _load_rows(DOb, offs_n, sdot, offs_d, T, True)
+        lse_x = tl.load(LSEb + offs_n, mask=row_ok, other=float("inf"))
+        del_x = tl.load(DELb + offs_n, mask=row_ok, other=0.0)
+        if bw != 0.0:
+            dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                    0, start_n, T, ca, cb, offs_d, BLOCK_M, True, True, False)
+            dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                    start_n, hi_d, T, ca, cb, offs_d, BLOCK_M, True, True, True)
+        else:
+            dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                    0, start_n, T, ca, cb, offs_d, BLOCK_M, False, NEED_DB, False)
+            dq, dk = _bwd_row_inner(dq, dk, q_x, k_x, do_x, lse_x, del_x, offs_n, Qb, Kb, Vb, sqt, skt, svt,
+                                    start_n, hi_d, T, ca, cb, offs_d, BLOCK_M, False, NEED_DB, True)
+        # da = scale sum_i q_i.(dS K)_i,  db = scale sum_i k_i.(dS Q)_i. The tiles are loaded
+        # again: reusing the dot-operand copies gave wrong sums for some configs (Triton 3.6)
+        q_e = _load_rows(Qb, offs_n, sqt, offs_d, T, True).to(tl.float32)
+        k_e = _load_rows(Kb, offs_n, skt, offs_d, T, True).to(tl.float32)
+        da_sum = tl.sum(tl.sum(q_e * dq, 1), 0) * sm_scale
+        db_sum = tl.sum(tl.sum(k_e * dk, 1), 0) * sm_scale
+        dq = dq * cqa
+        dk = dk * ckb
 
         # column sweep over query blocks I >= X: the diagonal blocks (masked), then the rest
         v_x = _load_rows(Vb, offs_n, svt, offs_d, T, True)
         if bw != 0.0:
-            dk, dq, dv, da_v, db_v = _bwd_col_inner(
-                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
-                sqt, skt, sdot, start_n, hi_d, T, ca, cb, cqa, ckb, offs_d,
-                D, BLOCK_M, True, True, ATOMIC, True, True)
-            dk, dq, dv, da_v, db_v = _bwd_col_inner(
-                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
-                sqt, skt, sdot, start_n + BLOCK_N, T, T, ca, cb, cqa, ckb, offs_d,
-                D, BLOCK_M, True, True, ATOMIC, False, not EVEN)
+            dk, dq, dv = _bwd_col_inner(dk, dq, dv, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, sqt, skt, sdot,
+                                        start_n, hi_d, T, ca, cb, cqa, ckb, offs_d, BLOCK_M, True, True, True)
+            dk, dq, dv = _bwd_col_inner(dk, dq, dv, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, sqt, skt, sdot,
+                                        start_n + BLOCK_N, T, T, ca, cb, cqa, ckb, offs_d, BLOCK_M, True, False,
+                                        not EVEN)
         else:
-            dk, dq, dv, da_v, db_v = _bwd_col_inner(
-                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
-                sqt, skt, sdot, start_n, hi_d, T, ca, cb, cqa, ckb, offs_d,
-                D, BLOCK_M, False, NEED_DB, ATOMIC, True, True)
-            dk, dq, dv, da_v, db_v = _bwd_col_inner(
-                dk, dq, dv, da_v, db_v, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, DQb, DKb,
-                sqt, skt, sdot, start_n + BLOCK_N, T, T, ca, cb, cqa, ckb, offs_d,
-                D, BLOCK_M, False, NEED_DB, ATOMIC, False, not EVEN)
+            dk, dq, dv = _bwd_col_inner(dk, dq, dv, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, sqt, skt, sdot,
+                                        start_n, hi_d, T, ca, cb, cqa, ckb, offs_d, BLOCK_M, False, True, True)
+            dk, dq, dv = _bwd_col_inner(dk, dq, dv, k_x, v_x, q_x, offs_n, Qb, Kb, DOb, LSEb, DELb, sqt, skt, sdot,
+                                        start_n + BLOCK_N, T, T, ca, cb, cqa, ckb, offs_d, BLOCK_M, False, False,
+                                        not EVEN)
 
         tl.store(DVb + ptr_off, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
-        if ATOMIC:
-            da_sum = tl.sum(da_v, 0) * sm_scale
-            db_sum = tl.sum(db_v, 0) * sm_scale
-            tl.atomic_add(DKb + ptr_off, dk * cqa, mask=row_ok[:, None], sem="relaxed")
-            tl.atomic_add(DQb + ptr_off, dq * ckb, mask=row_ok[:, None], sem="relaxed")
-        else:
-            tl.store(DKb + ptr_off, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(DQb + ptr_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DKb + ptr_off, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DQb + ptr_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
         tl.store(DAB + (bh.to(tl.int64) * NJ + pid) * 2, da_sum)
         tl.store(DAB + (bh.to(tl.int64) * NJ + pid) * 2 + 1, db_sum)
 
@@ -383,10 +331,9 @@ if HAS_TRITON:
     def _cfg(bm, bn, w, s):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
-    # candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class, picked from sm_90 compiles
-    # without register spills where possible (the D=128 backward spills a little in all of them).
-    # H100 winners at B=8 H=12: fwd (128, 64, 8, 3) for D=64, (128, 32, 8, 3) for D=128;
-    # fused bwd (16, 64, 4, 3|4) for D=64, (32, 64, 8, 2) for D=128.
+    # candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: few, so the first call's
+    # autotuning stays short, and chosen to compile without register spills where possible (the
+    # D=128 backward spills a little in all of them). Which won where: docs/bench.md.
     _FWD_BY_D = {
         64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
         128: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
@@ -419,8 +366,8 @@ if HAS_TRITON:
     _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["T", "D", "BH"], prune_configs_by={"early_config_prune": _pruner(_FWD_BY_D)})(
         _ctr_fwd_kernel)
     _bwd_tuned = triton.autotune(
-        _BWD_CONFIGS, key=["T", "D", "BH", "ATOMIC", "NEED_DB"], prune_configs_by={"early_config_prune": _pruner(_BWD_BY_D)},
-        reset_to_zero=["DQ", "DK", "DAB"])(
+        _BWD_CONFIGS, key=["T", "D", "BH", "NEED_DB"], prune_configs_by={"early_config_prune": _pruner(_BWD_BY_D)},
+        reset_to_zero=["DAB"])(
         triton.heuristics({"EVEN": lambda args: args["T"] % args["BLOCK_N"] == 0})(_ctr_bwd_kernel))
 
 
@@ -467,50 +414,37 @@ def _launch_fwd(q, k, v, a32, b32, scale, config=None):
     return o, lse
 
 
-def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, bwd="fused", need_db=True, config=None):
+def _launch_bwd(do, q, k, v, o, lse, a32, b32, scale, need_db=True, config=None):
     B, H, T, D = q.shape
     dev = q.device
-    atomic = bwd == "atomic"
-    key = ("bwd", T, D, B * H, q.dtype, atomic, need_db)
+    key = ("bwd", T, D, B * H, q.dtype, need_db)
     if config is None:
         config = INTERPRET_CONFIG["bwd"] if INTERPRET else _CHOSEN.get(key)
     delta = torch.empty((B * H, T), device=dev, dtype=torch.float32)
     pre_bm = 64
     _ctr_bwd_pre_kernel[(triton.cdiv(T, pre_bm), B * H)](o, do, delta, T, H, do.stride(0), do.stride(1), do.stride(2),
                                                          D=D, BLOCK_M=pre_bm)
-    if atomic:
-        dq_buf, dk_buf = (torch.zeros((B, H, T, D), device=dev, dtype=torch.float32) for _ in range(2))
-        dv = torch.empty((B, H, T, D), device=dev, dtype=q.dtype)
-    else:  # separate tensors: the custom op's outputs must not share storage
-        dq_buf, dk_buf, dv = (torch.empty((B, H, T, D), device=dev, dtype=q.dtype) for _ in range(3))
+    # separate tensors: the custom op's outputs must not share storage
+    dq, dk, dv = (torch.empty((B, H, T, D), device=dev, dtype=q.dtype) for _ in range(3))
     # one (da, db) slot per program: every slot is written once the block size is known. While
     # autotuning, configs with smaller BLOCK_N fill more slots than the winner does: the autotuner
     # zeroes DAB (reset_to_zero) before every trial and before the final run, else their stale
-    # partial sums would be added into da, db (they were, until 2026-11-25: a GPU test caught it)
+    # partial sums would be added into da, db
     nj = triton.cdiv(T, 16) if config is None else triton.cdiv(T, config["BLOCK_N"])
     dab = (torch.zeros if config is None else torch.empty)((B * H, nj, 2), device=dev, dtype=torch.float32)
-    args = (q, k, v, do, lse, delta, dq_buf, dk_buf, dv, dab, a32, b32, scale, T, H, B * H, nj,
+    args = (q, k, v, do, lse, delta, dq, dk, dv, dab, a32, b32, scale, T, H, B * H, nj,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     if config is None:  # first call for this shape: autotune, then remember the choice
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
-        LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, ATOMIC=atomic, NEED_DB=need_db)
+        LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, NEED_DB=need_db)
         _CHOSEN[key] = _as_config(_bwd_tuned.best_config)
-        if atomic:  # the tuning runs added into the accumulators: redo on clean ones
-            dq_buf.zero_()
-            dk_buf.zero_()
-            dab.zero_()
-            LAST_KERNELS["bwd"] = _bwd_tuned[grid](*args, D=D, ATOMIC=atomic, NEED_DB=need_db)
     else:
         c = config
         grid = (triton.cdiv(T, c["BLOCK_N"]), B * H)
-        LAST_KERNELS["bwd"] = _ctr_bwd_kernel[grid](*args, D=D, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], ATOMIC=atomic,
+        LAST_KERNELS["bwd"] = _ctr_bwd_kernel[grid](*args, D=D, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                                                     NEED_DB=need_db, EVEN=(T % c["BLOCK_N"] == 0),
                                                     num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
-    if atomic:
-        dq, dk = dq_buf.to(q.dtype), dk_buf.to(q.dtype)
-    else:
-        dq, dk = dq_buf, dk_buf
     da, db = dab.view(B, H, nj, 2).sum(dim=(0, 2)).unbind(1)  # (H,) each
     return dq, dk, dv, da.contiguous(), db.contiguous()
 
@@ -542,66 +476,63 @@ def _config_from_list(c):
 if HAS_TRITON:
     @torch.library.custom_op("ra::ctr_attention", mutates_args=())
     def _ctr_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float, bwd: str, db_at_zero: bool, fwd_cfg: list[int],
+                scale: float, db_at_zero: bool, fwd_cfg: list[int],
                 bwd_cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
         # o (B, H, T, D), lse (B*H, T)
         return _launch_fwd(q, k, v, _f32_vec(a), _f32_vec(b), scale, _config_from_list(fwd_cfg))
 
     @_ctr_op.register_fake
-    def _(q, k, v, a, b, scale, bwd, db_at_zero, fwd_cfg, bwd_cfg):
+    def _(q, k, v, a, b, scale, db_at_zero, fwd_cfg, bwd_cfg):
         B, H, T, D = q.shape
         return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
 
     @torch.library.custom_op("ra::ctr_attention_bwd", mutates_args=())
     def _ctr_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, bwd: str, need_db: bool,
+                    lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, need_db: bool,
                     bwd_cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-        return _launch_bwd(_last_contig(do), q, k, v, o, lse, _f32_vec(a), _f32_vec(b), scale, bwd, need_db,
+        return _launch_bwd(_last_contig(do), q, k, v, o, lse, _f32_vec(a), _f32_vec(b), scale, need_db,
                            _config_from_list(bwd_cfg))
 
     @_ctr_bwd_op.register_fake
-    def _(do, q, k, v, o, lse, a, b, scale, bwd, need_db, bwd_cfg):
+    def _(do, q, k, v, o, lse, a, b, scale, need_db, bwd_cfg):
         B, H, T, D = q.shape
         grads = [q.new_empty((B, H, T, D)) for _ in range(3)]
         return (*grads, q.new_empty((H,), dtype=torch.float32), q.new_empty((H,), dtype=torch.float32))
 
     def _ctr_op_setup(ctx, inputs, output):
-        q, k, v, a, b, scale, bwd, db_at_zero, fwd_cfg, bwd_cfg = inputs
+        q, k, v, a, b, scale, db_at_zero, fwd_cfg, bwd_cfg = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, a, b, o, lse)
-        ctx.scale, ctx.bwd, ctx.db_at_zero, ctx.bwd_cfg = scale, bwd, db_at_zero, bwd_cfg
+        ctx.scale, ctx.db_at_zero, ctx.bwd_cfg = scale, db_at_zero, bwd_cfg
 
     def _ctr_op_backward(ctx, do, dlse):
         q, k, v, a, b, o, lse = ctx.saved_tensors
         need_db = bool(ctx.needs_input_grad[4] and ctx.db_at_zero)
-        dq, dk, dv, da, db = _ctr_bwd_op(do, q, k, v, o, lse, a, b, ctx.scale, ctx.bwd, need_db, ctx.bwd_cfg)
+        dq, dk, dv, da, db = _ctr_bwd_op(do, q, k, v, o, lse, a, b, ctx.scale, need_db, ctx.bwd_cfg)
         da = da.reshape(a.shape).to(a.dtype) if ctx.needs_input_grad[3] else None
         db = db.reshape(b.shape).to(b.dtype) if ctx.needs_input_grad[4] else None
-        return dq, dk, dv, da, db, None, None, None, None, None
+        return dq, dk, dv, da, db, None, None, None, None
 
     _ctr_op.register_autograd(_ctr_op_backward, setup_context=_ctr_op_setup)
 
 
-def ctr_attention(q, k, v, a, b, scale=None, bwd=None, db_at_zero=True, fwd_config=None, bwd_config=None):
+def ctr_attention(q, k, v, a, b, scale=None, db_at_zero=True, fwd_config=None, bwd_config=None):
     if not HAS_TRITON:
         raise RuntimeError("ctr_attention needs Triton; use reciprocal_attention_torch instead")
     _check_inputs(q, k, v, a, b)
-    bwd = bwd or DEFAULT_BWD
-    if bwd not in BWD_SCHEMES:
-        raise ValueError(f"bwd={bwd!r}: use one of {BWD_SCHEMES}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _ctr_op(q, k, v, a, b, scale, bwd, db_at_zero, _config_to_list(fwd_config), _config_to_list(bwd_config))[0]
+    return _ctr_op(q, k, v, a, b, scale, db_at_zero, _config_to_list(fwd_config), _config_to_list(bwd_config))[0]
 
 
 ctr_attention.__doc__ = """Exact reciprocal attention with the CTR Triton kernels.
 
 q, k, v: (B, H, T, D), fp16/bf16 (fp32 accepted); a, b: (H,) per-head weights (gradients flow to
 both). Returns (B, H, T, D) = softmax_j<=i(scale * (a q_i.k_j + b q_j.k_i)) v. scale defaults to
-1/sqrt(D). bwd: "fused" (default, no atomics) or "atomic". db_at_zero=False gives db_h = 0 on heads
-whose b_h == 0 (cheaper backward for head-selective gates). fwd_config / bwd_config: fixed block
-configs (dicts with BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.
+1/sqrt(D). db_at_zero=False gives db_h = 0 on heads whose b_h == 0 (cheaper backward for
+head-selective gates). fwd_config / bwd_config: fixed block configs (dicts with BLOCK_M, BLOCK_N,
+num_warps, num_stages) instead of autotuning.
 """
 
 

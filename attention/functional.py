@@ -9,24 +9,21 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.3
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _BACKENDS = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-        "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None),
-    }
-except ImportError:  # pragma: no cover - old torch
-    sdpa_kernel, _BACKENDS = None, {}
+_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 
 def backend_context(backend):
     """Context manager that restricts SDPA to one backend ('auto' leaves PyTorch's choice)."""
     if backend == "auto":
         return contextlib.nullcontext()
-    if sdpa_kernel is None or _BACKENDS.get(backend) is None:
+    if backend not in _BACKENDS:
         raise ValueError(f"sdpa_backend={backend!r} is not available in torch {torch.__version__}")
     return sdpa_kernel(_BACKENDS[backend])
 
@@ -72,14 +69,13 @@ def sdpa_causal(q, k, v, backend="auto", dropout_p=0.0, scale=None):
 # ---------------------------------------------------------------------------
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.5
-RA_QUANT_MODES = ("none", "int8")  # what the PyTorch paths implement; the CTR kernel adds 'fp8'
+RA_QUANT_MODES = ("none", "int8")  # the precisions of the reciprocal channel that are implemented
 
 
 def check_ra_quant(mode, supported=RA_QUANT_MODES, where="this attention"):
     """Raise ValueError unless `mode` is a reciprocal-channel precision that `where` implements."""
     if mode not in supported:
-        hint = " ('fp8' needs the CTR kernel: --attn ra_ctr)" if mode == "fp8" else ""
-        raise ValueError(f"ra_quant={mode!r} is not supported by {where}; use one of {', '.join(supported)}{hint}")
+        raise ValueError(f"ra_quant={mode!r} is not supported by {where}; use one of {', '.join(supported)}")
 
 
 def _per_head(w, x):
@@ -204,9 +200,9 @@ def _other_side(x, Ds):
 
 def _fold_coefs(s_std, s_rec, rec_on, D, R, dtype):
     """The forward's per-row coefficients on the (3, H, D, 1) row grid ([q, k, v], head, row):
-        cx: of X (the original rows): s_std on q, k rows, except 0 on the reciprocal rows of
+        coef_x: of X (the original rows): s_std on q, k rows, except 0 on the reciprocal rows of
             RA heads; 1 on v rows
-        cp: of the reciprocal projection: s_rec on the reciprocal rows of RA heads, else 0
+        coef_p: of the reciprocal projection: s_rec on the reciprocal rows of RA heads, else 0
     Built from the gates with pad only (no arange masks, no factories), so torch.compile
     inlines them into the kernels that read them. The backward builds its own with other ops
     (_fold_coefs_bw): shared graph nodes would be saved by the partitioner, which does not
@@ -215,37 +211,37 @@ def _fold_coefs(s_std, s_rec, rec_on, D, R, dtype):
     Ds = D - R
     s = s_std.to(dtype).view(1, H, 1, 1)
     r = s_rec.to(dtype).view(1, H, 1, 1)
-    cx = F.pad(s.expand(2, H, Ds, 1), (0, 0, 0, R))  # (2, H, D, 1): s on the standard rows
+    coef_x = F.pad(s.expand(2, H, Ds, 1), (0, 0, 0, R))  # (2, H, D, 1): s on the standard rows
     if rec_on is None:
-        cp = r.expand(2, H, R, 1)
+        coef_p = r.expand(2, H, R, 1)
     else:
         on = rec_on.to(dtype).view(1, H, 1, 1)
-        cx = cx + F.pad((s - s * on).expand(2, H, R, 1), (0, 0, Ds, 0))  # plain heads: s on all rows
-        cp = (r * on).expand(2, H, R, 1)
-    cx = F.pad(cx, (0, 0, 0, 0, 0, 0, 0, 1), value=1.0)  # (3, H, D, 1)
-    cp = F.pad(cp, (0, 0, Ds, 0, 0, 0, 0, 1))  # (3, H, D, 1)
-    return cx, cp
+        coef_x = coef_x + F.pad((s - s * on).expand(2, H, R, 1), (0, 0, Ds, 0))  # plain heads: s on all rows
+        coef_p = (r * on).expand(2, H, R, 1)
+    coef_x = F.pad(coef_x, (0, 0, 0, 0, 0, 0, 0, 1), value=1.0)  # (3, H, D, 1)
+    coef_p = F.pad(coef_p, (0, 0, Ds, 0, 0, 0, 0, 1))  # (3, H, D, 1)
+    return coef_x, coef_p
 
 
 def _fold_coefs_bw(s_std, s_rec, rec_on, D, R, dtype):
-    """The backward's coefficients (see _fold_coefs): cx (3, H, D, 1) as there; sx (3, H, D, 1):
-    1 on the standard rows of q, k (the rows ds_std sees), else 0; onr (3, H, 1, 1): s_rec on
-    the q, k blocks of RA heads, else 0."""
+    """The backward's coefficients (see _fold_coefs): coef_x (3, H, D, 1) as there; std_mask
+    (3, H, D, 1): 1 on the standard rows of q, k (the rows ds_std sees), else 0; rec_amp
+    (3, H, 1, 1): s_rec on the q, k blocks of RA heads, else 0."""
     H = s_std.numel()
     Ds = D - R
     s = s_std.to(dtype).view(1, H, 1, 1)
     r = s_rec.to(dtype).view(1, H, 1, 1)
     if rec_on is None:
         std_rows = F.pad(torch.ones(2, H, Ds, 1, dtype=dtype, device=s_std.device), (0, 0, 0, R))
-        onr = r
+        rec_amp = r
     else:
         off = (~rec_on).to(dtype).view(1, H, 1, 1)  # 1 on plain heads
         std_rows = F.pad(off.expand(2, H, R, 1), (0, 0, Ds, 0), value=1.0)  # (2, H, D, 1)
-        onr = r - r * off
-    sx = F.pad(std_rows, (0, 0, 0, 0, 0, 0, 0, 1))  # (3, H, D, 1)
-    cx = F.pad(s * std_rows, (0, 0, 0, 0, 0, 0, 0, 1), value=1.0)  # (3, H, D, 1)
-    onr = F.pad(onr.expand(2, H, 1, 1), (0, 0, 0, 0, 0, 0, 0, 1))  # (3, H, 1, 1)
-    return cx, sx, onr
+        rec_amp = r - r * off
+    std_mask = F.pad(std_rows, (0, 0, 0, 0, 0, 0, 0, 1))  # (3, H, D, 1)
+    coef_x = F.pad(s * std_rows, (0, 0, 0, 0, 0, 0, 0, 1), value=1.0)  # (3, H, D, 1)
+    rec_amp = F.pad(rec_amp.expand(2, H, 1, 1), (0, 0, 0, 0, 0, 0, 0, 1))  # (3, H, 1, 1)
+    return coef_x, std_mask, rec_amp
 
 
 class _FoldSameFlop(torch.autograd.Function):
@@ -255,17 +251,20 @@ class _FoldSameFlop(torch.autograd.Function):
     (3, H, D); s, r = s_std, s_rec (H,); RA heads: rec_on True (all heads without rec_on);
     rec rows: rows Ds.. of the q, k blocks of RA heads (Ds = D - R); o(t): the other side.
     Forward, with P[t] = W^T X[t] (R, C), ONE batched matmul for every head of q and k:
-        F[t, h, d] = cx X[t, h, d] + cp P[o(t), h, d - Ds]      (_fold_coefs: cx, cp per row)
+        F[t, h, d] = coef_x X[t, h, d] + coef_p P[o(t), h, d - Ds]    (_fold_coefs: per-row coefficients)
     i.e. s X on standard rows, r P on rec rows, X on v rows: one pointwise pass, which
     torch.compile fuses with the F.linear's bf16 cast. The bias likewise, its W^T b being a
     D-term reduction fused into the same kernel as its fold.
-    Backward, from G = dL/dF (3, H, D, C) and Gs[t] = G[o(t), :, Ds:] (R, C), the rec rows
+    Backward, from G = dL/dF (3, H, D, C) and g_rec[t] = G[o(t), :, Ds:] (R, C), the rec rows
     of the other side:
-        dX[t] = cx G[t] + onr (W @ Gs[t])        (the R-term sum inline: one pointwise pass)
-        N[t] = X[t] @ Gs[t]^T (D, R),  Sd[t, d] = sum_c (std rows) G X   (one reduction kernel)
-        dW = sum_{t, h} onr_h N[t, h],  ds_std = sum_{t, d} Sd,  ds_rec = on sum_{t,d,j} W N
-    (ds_rec: sum G[o(t), rec] P[t] = sum X[t] (W @ Gs[t]) = sum W * N[t], so P is not saved;
-    only the inputs are.) The bias rides along as column C of X and G in the reduction, and
+        dX[t] = coef_x G[t] + rec_amp (W @ g_rec[t])     (the R-term sum inline: one pointwise pass)
+        N[t] = X[t] @ g_rec[t]^T (D, R),  Sd[t, d] = sum_c (std rows) G X   (one reduction kernel)
+        dW = sum_{t, h} rec_amp_h N[t, h],  ds_std = sum_{t, d} Sd,  ds_rec = on sum_{t,d,j} W N
+    (ds_rec: sum G[o(t), rec] P[t] = sum X[t] (W @ g_rec[t]) = sum W * N[t], so P is not saved;
+    only the inputs are.) In the code: coef_x, coef_p as above; std_mask: 1 on the standard rows
+    of q, k; rec_amp: r on the q, k blocks of RA heads, else 0; g_rec = G[o(t), :, Ds:];
+    w_g_rec = W @ g_rec; std_sums = Sd; n_cols[j] = N[..., j]; w_dot_n = sum_j W[:, j] N[..., j]
+    (the per-element terms of ds_rec). The bias rides along as column C of X and G in the reduction, and
     has its own small pointwise pass for db. Compiled (torch.compiler.is_compiling()), the
     contractions are written as unrolled sums / multiply-and-sum reductions, which inductor
     fuses with the pointwise work around them: no matmul kernel in the backward. Eager (and
@@ -282,11 +281,11 @@ class _FoldSameFlop(torch.autograd.Function):
         dt = weight.dtype
         with _no_autocast(weight):
             Wd = W.to(dt)
-            cx, cp = _fold_coefs(s_std, s_rec, rec_on, D, R, dt)
+            coef_x, coef_p = _fold_coefs(s_std, s_rec, rec_on, D, R, dt)
             # P = W^T X for the q and k blocks of every head: ONE batched matmul (W broadcast)
             P = torch.bmm(Wd.t().expand(2 * H, R, D), weight[: 2 * C].reshape(2 * H, D, C))  # (2H, R, C)
             P = F.pad(P.view(2, H, R, C).flip(0), (0, 0, Ds, 0, 0, 0, 0, 1))  # (3, H, D, C): on rec rows
-            w_fold = (cx * weight.reshape(3, H, D, C) + cp * P).view(3 * C, C)
+            w_fold = (coef_x * weight.reshape(3, H, D, C) + coef_p * P).view(3 * C, C)
             b_fold = None
             if bias is not None:
                 b = bias.reshape(3, H, D)
@@ -296,7 +295,7 @@ class _FoldSameFlop(torch.autograd.Function):
                     p = (bo.unsqueeze(-1) * Wx).sum(-2)  # (3, H, D)
                 else:
                     p = torch.matmul(bo, Wx)
-                b_fold = (cx[..., 0] * b + cp[..., 0] * p).view(3 * C)
+                b_fold = (coef_x[..., 0] * b + coef_p[..., 0] * p).view(3 * C)
         ctx.save_for_backward(weight, bias, W, s_std, s_rec, rec_on)
         ctx.has_bias = bias is not None
         return w_fold, b_fold
@@ -325,51 +324,52 @@ def _fold_backward(weight, bias, W, s_std, s_rec, rec_on, g_w, g_b, needs=(True,
     d_w = d_b = d_W = d_s = d_r = None
     with _no_autocast(weight):
         Wd = W.to(dt)
-        cx, sx, onr = _fold_coefs_bw(s_std, s_rec, rec_on, D, R, dt)
+        coef_x, std_mask, rec_amp = _fold_coefs_bw(s_std, s_rec, rec_on, D, R, dt)
         X = weight.reshape(3, H, D, C)
         G = g_w.to(dt).reshape(3, H, D, C)
-        if need_w:  # dX = cx G + onr M, M[t] = W @ Gs[t]: R terms per element, inline
-            Gs = _other_side(G, Ds)  # (3, H, R, C): rec rows of the other side, zeros for v
-            M = _rows_times_W(Wd, Gs, fused)  # (3, H, D, C)
-            d_w = (cx * G + onr * M).view(3 * C, C)
+        if need_w:  # dX = coef_x G + rec_amp (W @ g_rec): R terms per element, inline
+            g_rec = _other_side(G, Ds)  # (3, H, R, C): rec rows of the other side, zeros for v
+            w_g_rec = _rows_times_W(Wd, g_rec, fused)  # (3, H, D, C)
+            d_w = (coef_x * G + rec_amp * w_g_rec).view(3 * C, C)
         if bias is not None:
             b = bias.reshape(3, H, D)
             gb = g_b.to(dt).reshape(3, H, D)
             if need_b:
                 mb = _rows_times_W(Wd, _other_side(gb.unsqueeze(-1), Ds), fused)[..., 0]  # (3, H, D)
-                d_b = (cx[..., 0] * gb + onr[..., 0] * mb).view(3 * C)
+                d_b = (coef_x[..., 0] * gb + rec_amp[..., 0] * mb).view(3 * C)
             # the bias as a column C of the weight: every reduction below covers both
             X = F.pad(X, (0, 1)) + F.pad(b.unsqueeze(-1), (C, 0))  # (3, H, D, C + 1)
             G = F.pad(G, (0, 1)) + F.pad(gb.unsqueeze(-1), (C, 0))
         if need_W or need_s or need_r:
-            # q, k blocks: N[t] = X[t] @ Gs[t]^T (D, R) and Sd[t, d] = sum_c sx G X (the standard
-            # rows' share of ds_std); then dW, ds_std, ds_rec are small sums of N and Sd
+            # q, k blocks: N[t] = X[t] @ g_rec[t]^T (D, R) and std_sums[t, d] = sum_c std_mask G X
+            # (the standard rows' share of ds_std); then dW, ds_std, ds_rec are small sums of N, std_sums
             Xq = X[:2]
-            Gs = _other_side(G, Ds)[:2]  # (2, H, R, C')
-            Gstd = (sx * G)[:2]  # (2, H, D, C')
+            g_rec = _other_side(G, Ds)[:2]  # (2, H, R, C')
+            Gstd = (std_mask * G)[:2]  # (2, H, D, C')
             if fused:
                 # R + 1 reductions of one shape over the columns, which inductor fuses into one
-                # kernel that reads each row of X once: Sd and N[..., j] = X[t] . Gs[t, :, j]
-                Sd = (Xq * Gstd).sum(-1)  # (2, H, D)
-                Nj = [(Xq * Gs[:, :, j:j + 1]).sum(-1) for j in range(R)]  # R x (2, H, D)
+                # kernel that reads each row of X once: std_sums and N[..., j] = X[t] . g_rec[t, :, j]
+                std_sums = (Xq * Gstd).sum(-1)  # (2, H, D)
+                n_cols = [(Xq * g_rec[:, :, j:j + 1]).sum(-1) for j in range(R)]  # R x (2, H, D)
                 # the j-sum of ds_rec unrolled (fused into the kernel above), then ds_std and ds_rec
-                # as one (t, d) reduction of the stacked [Sd, sum_j W N_j] (2, 2, H, D)
-                NW = Nj[0] * Wd[:, 0]
+                # as one (t, d) reduction of the stacked [std_sums, sum_j W N_j] (2, 2, H, D)
+                w_dot_n = n_cols[0] * Wd[:, 0]
                 for j in range(1, R):
-                    NW = NW + Nj[j] * Wd[:, j]
+                    w_dot_n = w_dot_n + n_cols[j] * Wd[:, j]
                 if rec_on is not None:  # plain heads: no reciprocal term
-                    NW = torch.where(rec_on.view(1, H, 1), NW, torch.zeros_like(NW))
-                d_s, d_r = torch.stack([Sd, NW]).sum(dim=(1, 3))  # (H,), (H,)
+                    w_dot_n = torch.where(rec_on.view(1, H, 1), w_dot_n, torch.zeros_like(w_dot_n))
+                d_s, d_r = torch.stack([std_sums, w_dot_n]).sum(dim=(1, 3))  # (H,), (H,)
                 if need_W:  # R reductions of one shape: one kernel
-                    d_W = torch.stack([(onr[:2, :, :, 0] * n).sum(dim=(0, 1)) for n in Nj], dim=-1)  # (D, R)
+                    d_W = torch.stack([(rec_amp[:2, :, :, 0] * n).sum(dim=(0, 1)) for n in n_cols],
+                                      dim=-1)  # (D, R)
             else:
-                N = torch.einsum("thdc,thjc->thdj", Xq, Gs)  # (2, H, D, R)
+                N = torch.einsum("thdc,thjc->thdj", Xq, g_rec)  # (2, H, D, R)
                 if need_s:
                     d_s = (Xq * Gstd).sum(dim=(0, 2, 3))  # (H,)
-                if need_r:  # sum G[o(t), rec] P[t] = sum X[t] (W @ Gs[t]) = sum W * N[t]
+                if need_r:  # sum G[o(t), rec] P[t] = sum X[t] (W @ g_rec[t]) = sum W * N[t]
                     d_r = (N * Wd).sum(dim=(0, 2, 3))  # (H,)
                 if need_W:
-                    d_W = (onr[:2] * N).sum(dim=(0, 1))  # (D, R)
+                    d_W = (rec_amp[:2] * N).sum(dim=(0, 1))  # (D, R)
                 if need_r and rec_on is not None:
                     d_r = torch.where(rec_on, d_r, torch.zeros_like(d_r))  # plain heads: no reciprocal term
     cast = lambda g, like: None if g is None else g.to(like.dtype)
@@ -416,11 +416,6 @@ def _fake_quant(x, scale):
     """Round x to the int8 grid of `scale`, with a straight-through (identity) gradient."""
     xq = (x.detach() / scale).round().clamp(-127, 127) * scale
     return x + (xq - x.detach())
-
-
-def fake_quant_int8(x):
-    """Symmetric int8 fake quantization along the last dim (per-row absmax scale), straight-through."""
-    return _fake_quant(x, _int8_absmax_scale(x))
 
 
 def quantize_rec(x, R, mode, rec_on=None):

@@ -12,8 +12,7 @@ not used: scaling the standard term below 1 would only flatten the initial atten
 
 On CUDA with Triton the fused CTR kernel runs (1.5x the attention matmuls of plain causal attention,
 hence attn_flop_mult = 1.5); elsewhere (CPU, no Triton, attention dropout in training) the exact
-pure-torch path runs, with a one-time notice. Speed (H100, docs/bench.md): 1.8x cuDNN SDPA's
-fwd+bwd at T=1024, 2.25x at T=4096, where ra_exact (cuDNN over folded 2D-wide q, k) is faster (1.93x).
+pure-torch path runs, with a one-time notice. Its speed against SDPA and ra_exact: docs/bench.md.
 
 Extending: subclasses override `head_weights()` to return the effective per-head (a, b), e.g. a
 head-selective gate that zeroes b on some heads; the kernel runs heads whose b is exactly 0 at the
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 from attention.ctr_kernel import reciprocal_attention_any
 from attention.functional import merge_heads, split_heads
+from attention.projections import add_projections
 from attention.ra_exact import perturb_ab_
 
 
@@ -43,14 +43,9 @@ class CTRReciprocalAttention(nn.Module):
         super().__init__()
         if cfg.ra_quant != "none":
             raise ValueError(f"ra_ctr: ra_quant={cfg.ra_quant!r} is not implemented (use 'none')")
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
         self.dropout = cfg.dropout
         self.b_init = float(getattr(cfg, self.b_init_field))
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_proj = True  # GPT-2 scaled init
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
         self.a = nn.Parameter(torch.ones(cfg.n_head))
         self.b = nn.Parameter(torch.full((cfg.n_head,), self.b_init))
         self.kernel_kwargs = {}

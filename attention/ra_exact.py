@@ -30,6 +30,7 @@ import torch.nn as nn
 from attention.functional import (
     backend_context, merge_heads, reciprocal_attention, reciprocal_attention_padded_v, split_heads,
 )
+from attention.projections import add_projections
 
 
 @torch.no_grad()
@@ -52,15 +53,10 @@ class ExactRA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
         self.backend = cfg.sdpa_backend
         self.a_init = cfg.ra_w_std_init
         self.b_init = cfg.ra_b_init
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_proj = True  # GPT-2 scaled init
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
         self.a = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_i.k_j
         self.b = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_j.k_i
         self.reset_parameters()

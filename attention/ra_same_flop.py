@@ -24,8 +24,8 @@ Fused path (ra_fused, the default): K @ W = x @ (Wk_h^T W) + bk_h W, so the reci
 channel is just different rows of the QKV weight. Each forward folds W and the
 amplitudes into the weight (functional.fold_same_flop_qkv, an autograd Function: one
 batched matmul plus one pointwise pass forward, a hand-written backward of ~5 fused
-kernels; ~25 us per layer on an H100), then ONE F.linear emits Qf, Kf, V and ONE SDPA
-call attends: no activation concat, no host sync.
+kernels), then ONE F.linear emits Qf, Kf, V and ONE SDPA call attends: no activation
+concat, no host sync.
 Unfused path (ra_fused=False): Q, K, V from c_attn, then Qf, Kf built from the
 activations (functional.same_flop_qk); same function, kept as the reference.
 
@@ -46,6 +46,7 @@ from attention.functional import (
     RA_QUANT_MODES, check_ra_quant, fold_same_flop_qkv, merge_heads, quantize_rec, same_flop_qk, sdpa_causal,
     split_heads,
 )
+from attention.projections import add_projections
 
 
 class SameFlopRA(nn.Module):
@@ -59,8 +60,6 @@ class SameFlopRA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
         D = cfg.n_embd // cfg.n_head
         if not 1 <= cfg.ra_R <= D - 1:
             raise ValueError(
@@ -77,10 +76,7 @@ class SameFlopRA(nn.Module):
         self.dropout = cfg.dropout
         self.w_std_init = cfg.ra_w_std_init
         self.w_rec_init = cfg.ra_w_rec_init
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_proj = True  # GPT-2 scaled init
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
         self.W = nn.Parameter(torch.empty(D, self.R))  # reciprocal projection, shared by the layer's heads
         self.s_std = nn.Parameter(torch.empty(cfg.n_head))  # amplitudes: w_std = s_std^2
         self.s_rec = nn.Parameter(torch.empty(cfg.n_head))  # w_rec = s_rec^2
@@ -107,9 +103,8 @@ class SameFlopRA(nn.Module):
     def split_qkv(self, x, qkv):
         """Projection output [Qf | Kf | V] (B*T, 3C), one row per token -> q, k, v, each (B, nh, T, hs),
         views of it (so q, k and v have equal strides, as sdpa's do). A hook: ra_tokensel gates its
-        reciprocal query columns here, in place. (An earlier gate built a separate q; that
-        version's compiled step left the GPU idle 9.4 ms per step on an H100, cause not
-        isolated: docs/bench.md.)"""
+        reciprocal query columns here, in place (a gate that built a separate q made the compiled
+        step much slower: docs/bench.md)."""
         B, T, _ = x.shape
         return split_heads(qkv.view(B, T, -1), self.n_head)
 

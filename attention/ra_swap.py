@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.functional import merge_heads, sdpa_causal, split_heads
+from attention.projections import add_projections
 
 
 class SwapRA(nn.Module):
@@ -34,14 +35,9 @@ class SwapRA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
         self.backend = cfg.sdpa_backend
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_proj = True  # GPT-2 scaled init
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
         self.beta = nn.Parameter(torch.zeros(1))  # mix of the swapped attention
 
     @torch.no_grad()

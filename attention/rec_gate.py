@@ -9,9 +9,10 @@ C / n_head columns per head with the R reciprocal ones last; m (N,) is one gate 
 
 gate_rec_queries returns q, k, v (B, nh, T, hs), views of the one gated buffer (sdpa's layout).
 
-How, and why this way (each step measured on an H100, GPT-2 124M compiled training step):
-  * a whole-buffer multiply (qkv * a (3C,) column mask) read and wrote all 3C columns each way:
-    1.10x sdpa's step.
+How, and why this way (the alternatives were slower in GPT-2 124M's compiled training step;
+the measurements are in docs/bench.md):
+  * not a whole-buffer multiply (qkv * a (3C,) column mask): it reads and writes all 3C columns
+    each way.
   * Forward: one Triton kernel scales the H*R gated columns in place (1/24 of the buffer for R = 8,
     D = 64) and keeps their old values (N, H*R). It runs under no_grad: autograd does not see the
     mutation (nothing saved for a backward reads qkv's old values: the linear layer saves its input
@@ -20,7 +21,7 @@ How, and why this way (each step measured on an H100, GPT-2 124M compiled traini
     pointwise op that inductor fuses into the concat of dq, dk, dv that sdpa's backward has anyway,
     and dm reads only the R columns. (An autograd.Function that mutated qkv with mark_dirty made
     inductor write the whole gradient buffer three extra times; ops that called eager torch ops
-    left the GPU idle ~9 ms per step while the host dispatched them.)
+    left the GPU idle while the host dispatched them.)
   * The kernel is registered with torch.library.triton_op, which torch.compile traces: inductor
     launches it itself and keeps it in place. Without CUDA (or Triton) the same op runs as torch ops.
 """

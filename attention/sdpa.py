@@ -11,6 +11,7 @@ forces one backend for experiments.
 import torch.nn as nn
 
 from attention.functional import merge_heads, sdpa_causal, split_heads
+from attention.projections import add_projections
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,14 +24,9 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
         self.backend = cfg.sdpa_backend
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_proj = True  # GPT-2 scaled init
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
 
     def forward(self, x):
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)

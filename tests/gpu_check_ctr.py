@@ -3,11 +3,10 @@ GPU correctness + timing of the CTR reciprocal-attention kernel (attention/ctr_k
 
     python tests/gpu_check_ctr.py                  # correctness, then the timing table
     python tests/gpu_check_ctr.py --quick          # correctness and the main case only
-    python tests/gpu_check_ctr.py --bwd fused      # time one backward scheme only
 
 Correctness: bf16 forward and all gradients (q, k, v, a, b) against an fp32 reference (explicit
 score matrix), ragged T, D in {32, 64, 128}, b = 0 heads mixed with RA heads, |b| > |a| and a = 0
-heads, non-contiguous q/k/v; both backward schemes. For scale, the error of the bf16 pure-torch
+heads, non-contiguous q/k/v. For scale, the error of the bf16 pure-torch
 path is printed next to it.
 
 Timing: triton.testing.do_bench medians of forward and forward+backward, against
@@ -95,7 +94,7 @@ def _compile_job(spec):
     q, k, v = (ck._last_contig(x) for x in (q, k, v))
     o, lse = ck._launch_fwd(q, k, v, a, b, scale, fcfg)
     if bcfg is not None:
-        ck._launch_bwd(do, q, k, v, o, lse, a, b, scale, bwd, need_db, bcfg)
+        ck._launch_bwd(do, q, k, v, o, lse, a, b, scale, need_db, bcfg)
     torch.cuda.synchronize()
     return spec
 
@@ -144,7 +143,7 @@ def check(bwd_list, tol=2e-2):
         base_err = " ".join(f"{n}={rel(g, w):.1e}" for n, g, w in zip(NAMES, base, want))
         print(f"[check] case {i} {c}\n        bf16 torch path: {base_err}")
         for bwd in bwd_list:
-            kw = dict(bwd=bwd) if c.get("auto") else dict(bwd=bwd, fwd_config=FIXED[c["D"]][0], bwd_config=FIXED[c["D"]][1])
+            kw = dict() if c.get("auto") else dict(fwd_config=FIXED[c["D"]][0], bwd_config=FIXED[c["D"]][1])
             got = grads(lambda *x: ck.ctr_attention(*x, **kw), q, k, v, a, b, do)
             if c.get("auto"):  # the first call tuned; check the remembered-config path too
                 got = grads(lambda *x: ck.ctr_attention(*x, **kw), q, k, v, a, b, do)
@@ -209,10 +208,10 @@ def graph_times(f, fb, grads_of):
 
 
 def ctr_time(q, k, v, a, b, do, bwd, db_at_zero=True):
-    f = lambda: ck.ctr_attention(q, k, v, a, b, bwd=bwd, db_at_zero=db_at_zero)  # noqa: E731
+    f = lambda: ck.ctr_attention(q, k, v, a, b, db_at_zero=db_at_zero)  # noqa: E731
 
     def fb():
-        ck.ctr_attention(q, k, v, a, b, bwd=bwd, db_at_zero=db_at_zero).backward(do)
+        ck.ctr_attention(q, k, v, a, b, db_at_zero=db_at_zero).backward(do)
 
     t0 = time.time()
     fb()  # compile + autotune
@@ -322,9 +321,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-precompile", action="store_true")
-    ap.add_argument("--bwd", default="fused,atomic")
     args = ap.parse_args()
-    bwd_list = args.bwd.split(",")
+    bwd_list = ["fused"]  # the backward scheme (label in the table): the atomic one was removed
     print(f"torch {torch.__version__}  triton {triton.__version__}  {torch.cuda.get_device_name()}")
     ok = True
     if not args.no_precompile:

@@ -83,22 +83,17 @@ def _interp_main():
     assert ck.INTERPRET and ck.HAS_TRITON
     tol = {torch.float32: 2e-4, torch.float16: 1.5e-2}
     cases = [
-        # (bwd scheme, B, H, T, D, dtype, b per head, fwd cfg, bwd cfg)
-        ("fused", 2, 3, 77, 32, torch.float32, [0.4, 0.0, -0.6],
-         dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=32)),
-        ("atomic", 2, 3, 77, 32, torch.float32, [0.4, 0.0, -0.6],
-         dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=32)),
-        ("fused", 2, 3, 77, 64, torch.float16, [0.0, 0.7, 0.3],
-         dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)),
-        ("atomic", 2, 3, 64, 64, torch.float16, [0.5, -0.3, 0.0],
-         dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=32)),
+        # (B, H, T, D, dtype, b per head, fwd cfg, bwd cfg)
+        (2, 3, 77, 32, torch.float32, [0.4, 0.0, -0.6], dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=32)),
+        (2, 3, 77, 64, torch.float16, [0.0, 0.7, 0.3], dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)),
+        (2, 3, 64, 64, torch.float16, [0.5, -0.3, 0.0], dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=32)),
     ]
     failures = []
-    for i, (bwd, B, H, T, D, dtype, b_vals, fc, bc) in enumerate(cases):
-        fn = lambda q, k, v, a, b, bwd=bwd, fc=fc, bc=bc: ck.ctr_attention(q, k, v, a, b, bwd=bwd, fwd_config=fc, bwd_config=bc)  # noqa: E731
+    for i, (B, H, T, D, dtype, b_vals, fc, bc) in enumerate(cases):
+        fn = lambda q, k, v, a, b, fc=fc, bc=bc: ck.ctr_attention(q, k, v, a, b, fwd_config=fc, bwd_config=bc)  # noqa: E731
         errs = compare(fn, B, H, T, D, dtype, b_vals=b_vals, seed=i)
         bad = {n: e for n, e in errs.items() if not e < tol[dtype]}
-        print(f"case {i}: bwd={bwd} B={B} H={H} T={T} D={D} {str(dtype)[6:]} b={b_vals}: "
+        print(f"case {i}: B={B} H={H} T={T} D={D} {str(dtype)[6:]} b={b_vals}: "
               + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + (f"  FAIL {bad}" if bad else "  ok"))
         if bad:
             failures.append(i)
@@ -112,7 +107,7 @@ def _interp_main():
     if bad:
         failures.append("db_at_zero")
     # |b| > |a| and a == 0 (the forward's swapped accumulation order), next to a plain head
-    fn = lambda q, k, v, a, b: ck.ctr_attention(q, k, v, a, b, bwd="fused",  # noqa: E731
+    fn = lambda q, k, v, a, b: ck.ctr_attention(q, k, v, a, b,  # noqa: E731
                                                 fwd_config=dict(BLOCK_M=16, BLOCK_N=16),
                                                 bwd_config=dict(BLOCK_M=16, BLOCK_N=16))
     errs = compare(fn, 1, 3, 40, 32, torch.float32, a_vals=[0.0, 0.5, 1.0], b_vals=[0.7, -1.2, 0.0], seed=8)
@@ -187,15 +182,14 @@ def test_ra_ctr_module_cpu():
 
 # ---------------------------------------------------------------------- GPU (skipped without CUDA)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("bwd", ["fused", "atomic"])
 @pytest.mark.parametrize("T,D", [(77, 64), (256, 128), (300, 32)])
-def test_kernel_gpu_bf16(bwd, T, D):
+def test_kernel_gpu_bf16(T, D):
     pytest.importorskip("triton")
     from attention.ctr_kernel import ctr_attention
 
     H = 4
     q, k, v, a, b, do = _inputs(2, H, T, D, torch.bfloat16, device="cuda", b_vals=[0.5, 0.0, -0.4, 0.0], seed=T + D)
-    got = _grads(lambda *x: ctr_attention(*x, bwd=bwd), q, k, v, a, b, do)
+    got = _grads(lambda *x: ctr_attention(*x), q, k, v, a, b, do)
     want = _grads(lambda q_, k_, v_, a_, b_: ref_ra(q_.float(), k_.float(), v_.float(), a_, b_).float(),
                   q.float(), k.float(), v.float(), a, b, do.float())
     for name, g, w in zip(NAMES, got, want):
