@@ -1,10 +1,10 @@
 """
 A whole training step as one CUDA graph (train.py --cuda-graph, bench.py --cuda-graph).
 
-Why: a compiled GPT-2 124M step launches 830-1010 kernels (sdpa .. ra_tokensel). On the lent H100
-VMs the host needs 20-30 ms to launch them against a ~36 ms step, so the GPU waits wherever the
-host falls behind, by an amount that changes with the host's speed (docs/bench.md). Captured
-once, the step is replayed with one launch: its time is the GPU's, on any host.
+Why: a compiled GPT-2 124M step launches about a thousand kernels. Where the host launches them
+slower than the GPU runs them, the GPU waits, by an amount that depends on the host (measurements
+in docs/bench.md). Captured once, the step is replayed with one launch: its time is the GPU's, on
+any host.
 
 The rules of a captured step (see torch.cuda.graphs):
   * nothing in it may synchronize the host (no .item(), no data-dependent Python branches);
@@ -16,7 +16,7 @@ The rules of a captured step (see torch.cuda.graphs):
     live in a tensor (ra_headsel's routing is a buffer that set_step updates on the device);
   * the first steps run normally, on a side stream (run_on_side_stream), so that compilation,
     autotuning and lazy allocations happen before the capture.
-graphed() applies these to a training step; train.py and bench.py both use it.
+graphed() applies these to a training step: trainer/step.py's launcher, for train.py and bench.py.
 """
 
 import torch

@@ -21,6 +21,7 @@ import train  # noqa: E402
 import conftest  # noqa: E402
 from data.prepare import dataset_dir  # noqa: E402
 from data.shards import write_shard  # noqa: E402
+from trainer import config, runs  # noqa: E402
 
 TINY = [*conftest.TINY, "--lr-decay-steps", "60"]  # (and the `corpus` fixture)
 
@@ -67,7 +68,7 @@ def test_existing_run_refuses_then_overwrite_moves_it_aside(corpus, tmp_path):
 # ----------------------------------------------------------------------------- one process per run folder
 
 def test_live_lock_fails_at_once_naming_the_holder(corpus, tmp_path):
-    lock = train.RunLock(tmp_path / "runs" / "busy")  # held by this (live) test process
+    lock = runs.RunLock(tmp_path / "runs" / "busy")  # held by this (live) test process
     try:
         t0 = time.time()
         p = run_train(["--max-steps", "2", "--run-name", "busy"], corpus, tmp_path, check=False)
@@ -103,7 +104,7 @@ def test_checkpoint_temp_file_is_unique_per_process(tmp_path, monkeypatch):
     written = []
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, path: (written.append(Path(path)), real_save(obj, path)))
-    train.save_checkpoint(tmp_path / "ckpt.pt", {"x": 1})
+    runs.save_checkpoint(tmp_path / "ckpt.pt", {"x": 1})
     assert written == [tmp_path / f"ckpt.pt.tmp{os.getpid()}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
@@ -225,12 +226,12 @@ def test_resume_rejects_flags_that_cannot_change(corpus, tmp_path):
 # ----------------------------------------------------------------------------- attention options
 
 def test_unused_attention_option_is_a_warning():
-    _, _, notes, _ = train.parse_args(["--attn", "ra_exact", "--ra-quant", "int8", "--ra-R", "8", "--ra-l1", "0.5"])
+    _, _, notes, _ = config.parse_args(["--attn", "ra_exact", "--ra-quant", "int8", "--ra-R", "8", "--ra-l1", "0.5"])
     warned = [n for n in notes if n.startswith("warning:")]
     assert len(warned) == 2, notes  # --ra-R 8 is the default: nothing to warn about
     assert any("--ra-quant int8 has no effect: --attn ra_exact does not use it" in n for n in warned)
     assert any("--ra-l1 0.5" in n for n in warned)
-    _, _, notes, _ = train.parse_args(["--attn", "ra_headsel", "--ra-l1", "0.5"])
+    _, _, notes, _ = config.parse_args(["--attn", "ra_headsel", "--ra-l1", "0.5"])
     assert not [n for n in notes if n.startswith("warning:")]
 
 
@@ -252,8 +253,8 @@ def test_attention_options_checked_on_the_meta_device(monkeypatch):
     attention.get_class("sdpa")  # imports attention.sdpa, where the registry entry points
     monkeypatch.setattr(sys.modules["attention.sdpa"], "Picky", Picky, raising=False)
     with pytest.raises(SystemExit):
-        train.parse_args(["--attn", "picky", "--ra-R", "8"])
-    _, _, notes, _ = train.parse_args(["--attn", "picky", "--ra-R", "2", "--ra-quant", "int8"])
+        config.parse_args(["--attn", "picky", "--ra-R", "8"])
+    _, _, notes, _ = config.parse_args(["--attn", "picky", "--ra-R", "2", "--ra-quant", "int8"])
     assert seen == ["meta", "meta"] and not [n for n in notes if n.startswith("warning:")]
 
 

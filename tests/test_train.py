@@ -42,9 +42,9 @@ def test_help_lists_every_field():
 def test_help_describes_every_flag_with_the_presets_values():
     """--help shows the value a flag takes when not given: the preset's where it sets one (tiny without a GPU:
     block size 128, bytes), and every flag has a description, not just its default."""
-    import train
+    from trainer import config
 
-    parser = train.build_parser("tiny", train.load_preset("tiny"))
+    parser = config.build_parser("tiny", config.load_preset("tiny"))
     for action in parser._actions:
         if action.dest != "help":
             assert action.help and not action.help.startswith("("), action.option_strings

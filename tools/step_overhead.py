@@ -28,7 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import build_model, make_train_step, time_ms  # noqa: E402
+from bench import make_train_step  # noqa: E402  (train.py's step on random batches)
+from benchmarks.timing import time_ms  # noqa: E402
+from benchmarks.variants import build_model  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
 OPTIONS = {"default": None, "combo": {"combo_kernels": True}, "cpp": {"cpp_wrapper": True}, "graph": None}

@@ -1,0 +1,112 @@
+"""
+The training step: train.py's, bench.py's step rows' and tools/step_overhead.py's.
+
+One optimizer step is grad_accum micro-steps (forward for the loss only, the attention modules'
+aux_loss, backward of their sum scaled by 1/grad_accum; under DDP only the last micro-step all-reduces),
+then the grad scaler's unscale and the grad-norm clip, the optimizer step and the scaler's update. In
+bf16 or fp32 it never synchronizes the host (the fp16 scaler's inf check does), so that it can be
+recorded as one CUDA graph (cuda_graph.py): the losses and the grad norm go into device tensors that the
+caller reads once per log interval.
+"""
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+import cuda_graph
+
+
+class TrainStep:
+    """step(marks=None): one optimizer step on the micro-batches xbs[i], ybs[i] (fixed device tensors that
+    the caller refills before each step). It adds the step's mean loss and aux loss to loss_sum and aux_sum
+    and writes the clipped gradient's norm into grad_norm. It leaves the grads in place: the caller resets
+    them (launcher). marks: a list that gets time.perf_counter() after each forward, each backward and the
+    clip (tools/step_overhead.py's host phases)."""
+
+    def __init__(self, model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, grad_clip, ddp=False):
+        self.model = model  # what the forward calls: compiled and/or DDP-wrapped
+        self.raw_model = raw_model  # its parameters are clipped
+        self.optimizer, self.scaler, self.autocast, self.aux_loss = optimizer, scaler, autocast, aux_loss
+        self.xbs, self.ybs, self.grad_clip, self.ddp = xbs, ybs, grad_clip, ddp
+        device = xbs[0].device
+        self.loss_sum = torch.zeros((), device=device)
+        self.aux_sum = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+
+    def __call__(self, marks=None):
+        grad_accum = len(self.xbs)
+        for micro in range(grad_accum):
+            sync = (micro == grad_accum - 1)  # DDP all-reduces only on the last micro-step
+            with (self.model.no_sync() if (self.ddp and not sync) else nullcontext()):
+                with self.autocast:
+                    _, loss = self.model(self.xbs[micro], self.ybs[micro], return_logits=False)
+                    aux = self.aux_loss()
+                mark(marks)
+                self.scaler.scale((loss + aux) / grad_accum).backward()
+                mark(marks)
+            self.loss_sum.add_(loss.detach() / grad_accum)
+            self.aux_sum.add_(aux.detach() / grad_accum)
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.grad_clip))
+        mark(marks)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def mark(marks):
+    """Time stamp for a caller that times the step's phases (marks: a list, or None)."""
+    if marks is not None:
+        marks.append(time.perf_counter())
+
+
+def launcher(step, optimizer, graphed=False, pool=None):
+    """launch(marks=None), which makes one training step: step(marks), then the grads set to None; or, graphed
+    (--cuda-graph), by cuda_graph.graphed: 3 normal steps (compile, autotune, allocate), then the step
+    recorded once as a CUDA graph (in pool, if given) and replayed (no host phases: marks must be None)."""
+    if graphed:
+        replay = cuda_graph.graphed(step, optimizer, pool=pool)
+
+        def launch(marks=None):
+            if marks is not None:
+                raise ValueError("a CUDA-graph step has no host phases to time")
+            replay()
+    else:
+        def launch(marks=None):
+            step(marks)
+            optimizer.zero_grad(set_to_none=True)
+
+    return launch
+
+
+def load_batches(loader, xbs, ybs):
+    """Copy the next len(xbs) batches into the step's buffers; returns the loader's state from BEFORE them,
+    which a checkpoint stores, so that a resume draws them again. The copies are ordered after the running
+    step's kernels: the host does not wait for the GPU."""
+    state = loader.state_dict()
+    for xb, yb in zip(xbs, ybs):
+        x, y = loader.next_batch()
+        xb.copy_(x, non_blocking=True)
+        yb.copy_(y, non_blocking=True)
+    return state
+
+
+@torch.no_grad()
+def evaluate(model, val_loader, n_batches, device, autocast, ddp=False):
+    """Mean val loss over the val loader's fixed windows (all ranks' under DDP); the model back in train mode."""
+    model.eval()
+    total, n = torch.zeros((), device=device), 0
+    for x, y in val_loader.val_batches(n_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            _, loss = model(x, y, return_logits=False)
+        total += loss.float()
+        n += 1
+    stats = torch.tensor([total.item(), float(n)], device=device)
+    if ddp:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats)
+    model.train()
+    return (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
