@@ -10,8 +10,8 @@ recursively). Runs whose configs agree up to the seed (and bookkeeping such as r
 wandb, log/eval/checkpoint intervals) are seeds of one variant; a variant is labelled by its attention
 name, plus the options that tell apart variants of the same attention (e.g. "ra_same_flop (ra_R=12)").
 The baseline is the sdpa variant (--baseline LABEL picks another). Deltas are paired by seed: give
-each variant the same seeds. The statistics are ladder_report.py's, so the table of a ladder folder
-is the one quick_quality_test.py wrote.
+each variant the same seeds. The report is ladder/report.py's, so the table of a ladder folder is
+the one quick_quality_test.py wrote.
 
 Writes results.json, results.md and the plots into --out (default runs/compare-<date>-<time>) and
 prints the tables.
@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+from ladder.report import render_tables, write_report
+from ladder.results import MARGIN
+from ladder.runs import discover_runs, load_run
 
-import ladder_report  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 
 def _registry_order():
@@ -44,27 +45,26 @@ def main(argv=None):
     p.add_argument("--baseline", default=None, help="variant label to compare against (default: sdpa)")
     p.add_argument("--time-axis", choices=("measured", "steady"), default="measured",
                    help="equal wall-clock on train_time_s, or on step x median ms/step (no stalls)")
-    p.add_argument("--margin", type=float, default=ladder_report.MARGIN,
+    p.add_argument("--margin", type=float, default=MARGIN,
                    help="nats: \"keeps the val loss\" needs the 95%% CI of the difference below +MARGIN")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
     try:
-        dirs = ladder_report.discover_runs(args.paths)
+        dirs = discover_runs(args.paths)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    runs = [ladder_report.load_run(d) for d in dirs]
+    runs = [load_run(d) for d in dirs]
     out = Path(args.out) if args.out else ROOT / "runs" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"command": "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sources": [str(d) for d in dirs]}
     try:
-        results, _ = ladder_report.write_report(runs, out, baseline=args.baseline, order=_registry_order(),
-                                                meta=meta, title="Comparison of run folders",
-                                                plots=not args.no_plots, time_axis=args.time_axis,
-                                                margin=args.margin)
+        results, _ = write_report(runs, out, baseline=args.baseline, order=_registry_order(), meta=meta,
+                                  title="Comparison of run folders", plots=not args.no_plots,
+                                  time_axis=args.time_axis, margin=args.margin)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"{len(runs)} runs in {len(results['variants'])} variants from {', '.join(args.paths)}\n")
-    print(ladder_report.render_tables(results))
+    print(render_tables(results))
     print(f"wrote {out / 'results.md'}, results.json" +
           (f" and {', '.join(results['meta']['plots'])}" if results["meta"].get("plots") else ""))
     return 0

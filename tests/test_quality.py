@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import attention
+import quick_quality_test as qqt
+from data.synthetic import make_synthetic, reference_losses
+from ladder import plots, workers
+from ladder import stats as ls
+from ladder.plan import check_gpus, one_pass, plan_runs, strip_flag
+from ladder.report import render_tables, write_report
+from ladder.results import build_results
+from ladder.runs import discover_runs, load_run, run_passes
+from ladder.state import check_state, corpus_identity
 
-import attention  # noqa: E402
-import ladder_report as lr  # noqa: E402
-import quick_quality_test as qqt  # noqa: E402
-from data.synthetic import make_synthetic, reference_losses  # noqa: E402
-from ladder import plots, workers  # noqa: E402
-from ladder import stats as ls  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -30,13 +33,13 @@ from ladder import stats as ls  # noqa: E402
 @pytest.mark.parametrize("p, df, t", [(0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 4, 2.7764),
                                       (0.975, 9, 2.2622), (0.975, 29, 2.0452), (0.95, 5, 2.0150)])
 def test_t_quantile_matches_tables(p, df, t):
-    assert lr.t_quantile(p, df) == pytest.approx(t, abs=1e-4)
+    assert ls.t_quantile(p, df) == pytest.approx(t, abs=1e-4)
 
 
 def test_paired_ci_by_hand_and_undecided():
     base = {1: 3.00, 2: 3.10, 3: 3.20}
     var = {1: 3.01, 2: 3.13, 3: 3.19}  # d = +0.01, +0.03, -0.01: mean 0.01, sd 0.02
-    d = lr.paired_delta(var, base)
+    d = ls.paired_delta(var, base)
     half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)  # = 0.049683
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.01) and d["sd"] == pytest.approx(0.02)
     assert d["half_width"] == pytest.approx(half) and half == pytest.approx(0.049683, abs=1e-6)
@@ -58,10 +61,10 @@ def test_seeds_needed_edges():
 
 def test_paired_ci_worse_and_better():
     base = {1: 3.0, 2: 3.0, 3: 3.0}
-    worse = lr.paired_delta({1: 3.10, 2: 3.12, 3: 3.11}, base)  # d mean 0.11, sd 0.01 -> [0.0852, 0.1348]
-    assert worse["lo"] == pytest.approx(0.11 - stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3))
+    worse = ls.paired_delta({1: 3.10, 2: 3.12, 3: 3.11}, base)  # d mean 0.11, sd 0.01: 0.11 -+ 4.3027 * 0.01 / sqrt(3)
+    assert worse["lo"] == pytest.approx(0.085158, abs=1e-6) and worse["hi"] == pytest.approx(0.134842, abs=1e-6)
     assert worse["verdict"] == "worse" and ls.decide_note(worse) == ""
-    better = lr.paired_delta({1: 2.90, 2: 2.88, 3: 2.89}, base)
+    better = ls.paired_delta({1: 2.90, 2: 2.88, 3: 2.89}, base)
     assert better["verdict"] == "better" and better["hi"] < 0
 
 
@@ -69,21 +72,21 @@ def test_pairing_removes_the_seed_to_seed_spread():
     # seeds differ by 0.5 nats, the variant is 0.010-0.012 lower on every seed: paired, that is a clear win
     base = {1: 3.0, 2: 3.5, 3: 4.0, 4: 9.9}  # seed 4 has no variant run: left out of the pairing
     var = {1: 2.990, 2: 3.488, 3: 3.989}
-    d = lr.paired_delta(var, base)
+    d = ls.paired_delta(var, base)
     assert d["n"] == 3 and d["seeds"] == [1, 2, 3]
     assert d["mean"] == pytest.approx(-0.011) and d["verdict"] == "better"
 
 
 def test_one_seed_has_no_ci_and_no_seed_is_not_run():
-    d = lr.paired_delta({7: 2.9}, {7: 3.0})
+    d = ls.paired_delta({7: 2.9}, {7: 3.0})
     assert d["n"] == 1 and d["lo"] is None and d["half_width"] is None and d["verdict"] == "n=1, no CI"
-    assert lr.paired_delta({1: 2.9}, {2: 3.0})["verdict"] == "not run"
+    assert ls.paired_delta({1: 2.9}, {2: 3.0})["verdict"] == "not run"
 
 
 def test_interp():
-    assert lr.interp([0, 10, 20], [4.0, 3.0, 2.0], 15) == pytest.approx(2.5)
-    assert lr.interp([0, 10, 20], [4.0, 3.0, 2.0], 20) == pytest.approx(2.0)
-    assert lr.interp([5, 10], [4.0, 3.0], 4) is None and lr.interp([5, 10], [4.0, 3.0], 11) is None
+    assert ls.interp([0, 10, 20], [4.0, 3.0, 2.0], 15) == pytest.approx(2.5)
+    assert ls.interp([0, 10, 20], [4.0, 3.0, 2.0], 20) == pytest.approx(2.0)
+    assert ls.interp([5, 10], [4.0, 3.0], 4) is None and ls.interp([5, 10], [4.0, 3.0], 11) is None
 
 
 def test_reference_losses_by_hand():
@@ -134,12 +137,12 @@ def test_decision_tree_from_known_numbers(tmp_path):
         fake_run(tmp_path, "ra_same_flop", seed, [4.0 + off, 3.0 + off, 2.50 + off + 0.001 * seed], ms=13)
         fake_run(tmp_path, "ra_headsel", seed, [3.9 + off, 2.9 + off, 2.40 + off + 0.001 * seed], ms=10,
                  gates={"ra_frac": 0.5, "w_rec": 0.2})
-    runs = [lr.load_run(d) for d in lr.discover_runs([tmp_path])]
-    res = lr.build_results(runs, order=attention.names())
+    runs = [load_run(d) for d in discover_runs([tmp_path])]
+    res = build_results(runs, order=attention.names())
     assert [v["label"] for v in res["variants"]][0] == "sdpa"
     sf = next(v for v in res["variants"] if v["attn"] == "ra_same_flop")
     assert sf["vs_baseline"]["mean"] == pytest.approx(0.002) and sf["vs_baseline"]["verdict"] == "undecided"
-    assert sf["vs_baseline"]["half_width"] == pytest.approx(stats.t.ppf(0.975, 2) * 0.001 / math.sqrt(3))
+    assert sf["vs_baseline"]["half_width"] == pytest.approx(4.302653 * 0.001 / math.sqrt(3))  # t(0.975, 2) sd/sqrt(n)
     assert sf["ms_ratio"] == pytest.approx(1.3)
     v = verdict_map(res)
     assert v["R=8 keeps val loss (within noise)?"] == "YES"  # the CI lies below the margin: keeps, not a win
@@ -153,7 +156,7 @@ def test_decision_tree_from_known_numbers(tmp_path):
     sf_t = sf["vs_baseline_at_time"]
     assert sf_t["mean"] == pytest.approx(3.0 - 0.5 * 0.04 / 0.13 - 2.5 + 0.002 * 0.04 / 0.13, abs=1e-9)
     assert v["quality-per-ms better than baseline? [ra_same_flop]"] == "NO (worse)"
-    md = lr.render_tables(res)
+    md = render_tables(res)
     assert "| ra_headsel | 3/3 |" in md and "undecided (MDE ±0.0025, n=3): ~" in md
     assert "MDE ±0.0025 nats (n=3 seeds)" in md  # what this ladder resolves
     assert "- ra_headsel: " in md and "ra_w_rec_init=0.3" in md  # the settings its class reads
@@ -167,7 +170,7 @@ def test_keeping_the_loss_needs_a_narrow_ci_and_faster_needs_a_speed_ci(tmp_path
         fake_run(tmp_path, "sdpa", seed, [4.0, 3.0], ms=10)
         fake_run(tmp_path, "ra_same_flop", seed, [4.0, 3.0 + d], ms=10)
         fake_run(tmp_path, "ra_headsel", seed, [4.0, 3.0 + d + 0.001 * (seed - 2)], ms=8 - 0.1 * seed)
-    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])])
     sf = next(v for v in res["variants"] if v["attn"] == "ra_same_flop")
     assert sf["vs_baseline"]["verdict"] == "undecided"
     v = verdict_map(res)
@@ -176,15 +179,15 @@ def test_keeping_the_loss_needs_a_narrow_ci_and_faster_needs_a_speed_ci(tmp_path
     assert "too wide to tell" in detail and "MDE ±" in detail and "n=3" in detail
     # within the margin of ra_same_flop and faster (CI), but not shown to keep sdpa's loss: undecided
     assert "faster" in res["verdicts"][1]["detail"] and v["head-selective helps?"] == "UNDECIDED"
-    s = lr.speed_ratio([lr.load_run(tmp_path / f"ra_headsel-s{i}") for i in (1, 2, 3)],
-                       [lr.load_run(tmp_path / f"ra_same_flop-s{i}") for i in (1, 2, 3)])
+    s = ls.speed_ratio([load_run(tmp_path / f"ra_headsel-s{i}") for i in (1, 2, 3)],
+                       [load_run(tmp_path / f"ra_same_flop-s{i}") for i in (1, 2, 3)])
     assert s["ratio"] == pytest.approx((7.9 * 7.8 * 7.7 / 1000) ** (1 / 3)) and s["hi"] < 1 and s["verdict"] == "faster"
 
 
 def test_verdicts_say_not_run_and_n1(tmp_path):
     fake_run(tmp_path, "sdpa", 1, [3.0, 2.5])
     fake_run(tmp_path, "ra_same_flop", 1, [3.0, 2.6], ra_R=12)
-    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])])
     v = verdict_map(res)
     assert v["R=12 keeps val loss (within noise)?"] == "UNDECIDED"
     assert "n=1, no CI" in res["verdicts"][0]["detail"] and "asks about R=8" in res["verdicts"][0]["detail"]
@@ -197,7 +200,7 @@ def test_r_sweep_gives_one_verdict_per_r(tmp_path):
         for R in (4, 12):
             fake_run(tmp_path, "ra_same_flop", seed, [3.0, 2.5 + 0.01 * seed + 0.001 * R], ra_R=R,
                      name=f"ra_same_flop-ra_R{R}-s{seed}")
-    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])], order=attention.names())
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])], order=attention.names())
     assert [v["label"] for v in res["variants"]] == ["sdpa", "ra_same_flop (ra_R=12)", "ra_same_flop (ra_R=4)"]
     qs = [q for q in verdict_map(res) if "keeps val loss" in q]
     assert qs == ["R=12 keeps val loss (within noise)? [ra_same_flop (ra_R=12)]",
@@ -207,16 +210,16 @@ def test_r_sweep_gives_one_verdict_per_r(tmp_path):
 def test_gate_out_of_range_fails_the_sanity_check(tmp_path):
     # the ranges come from the class: HeadSelRA.gate_ranges has ra_frac in [0, 1] and w_rec >= 0
     assert attention.get_class("ra_headsel").gate_ranges["ra_frac"] == (0.0, 1.0)
-    run = lr.load_run(fake_run(tmp_path, "ra_headsel", 1, [3.0, 2.5], gates={"ra_frac": 1.5, "w_rec": 0.2}))
-    assert run["checks"]["gates in range"]["ok"] is False and not lr.run_passes(run)
+    run = load_run(fake_run(tmp_path, "ra_headsel", 1, [3.0, 2.5], gates={"ra_frac": 1.5, "w_rec": 0.2}))
+    assert run["checks"]["gates in range"]["ok"] is False and not run_passes(run)
     assert "ra_frac" in run["checks"]["gates in range"]["detail"]
     # a per-head gate below its range in the "gates" records, while the layer means look fine
-    run = lr.load_run(fake_run(tmp_path / "b", "ra_same_flop", 1, [3.0, 2.5], gates={"w_rec": 0.2},
-                               head_gates=lambda s: {"l0/w_rec": [0.3, -0.1 if s == 20 else 0.1]}))
+    run = load_run(fake_run(tmp_path / "b", "ra_same_flop", 1, [3.0, 2.5], gates={"w_rec": 0.2},
+                            head_gates=lambda s: {"l0/w_rec": [0.3, -0.1 if s == 20 else 0.1]}))
     assert run["checks"]["gates in range"]["ok"] is False
     assert "gates/l0/w_rec[1]=-0.1 at step 20" in run["checks"]["gates in range"]["detail"]
-    run = lr.load_run(fake_run(tmp_path / "c", "ra_same_flop", 1, [3.0, 2.5],
-                               head_gates=lambda s: {"l0/w_rec": [float("nan"), 0.1]}))
+    run = load_run(fake_run(tmp_path / "c", "ra_same_flop", 1, [3.0, 2.5],
+                            head_gates=lambda s: {"l0/w_rec": [float("nan"), 0.1]}))
     assert run["checks"]["finite"]["ok"] is False
 
 
@@ -235,14 +238,14 @@ def test_gate_plots_and_heads_off_from_synthetic_logs(tmp_path):
         fake_run(runs_dir, "sdpa", seed, [4.0, 3.0, 2.9, 2.8])
         fake_run(runs_dir, "ra_headsel", seed, [4.0, 3.0, 2.9, 2.8], gates={"ra_frac": [1.0, 0.0, 0.0, 0.0]},
                  head_gates=headsel_gates())
-    runs = [lr.load_run(d) for d in lr.discover_runs([runs_dir])]
+    runs = [load_run(d) for d in discover_runs([runs_dir])]
     hs = next(r for r in runs if r["attn"] == "ra_headsel")
     assert hs["heads_off"] == {"step": 20, "stayed": True, "final": 0.0}
     steps, rows, labels = plots.gate_matrix(hs["gate_history"], "w_rec")
     assert steps == [10, 20, 30, 40] and len(rows) == 2 * 3 and labels == ["l0", "", "", "l1", "", ""]
     assert rows[4][1] == pytest.approx(0.3 - 0.01 * 20 * 2 / 10)  # layer 1, head 1, step 20
     out = tmp_path / "report"
-    res, md = lr.write_report(runs, out, order=attention.names())
+    res, md = write_report(runs, out, order=attention.names())
     assert "gates_ra_headsel.png" in res["meta"]["plots"] and "gates_sdpa.png" not in res["meta"]["plots"]
     assert (out / "gates_ra_headsel.png").stat().st_size > 5000
     assert "ra_headsel seed 1: every RA head switched off: ra_frac reached 0 at step 20 and stayed 0" in md
@@ -253,13 +256,13 @@ def test_repeat_is_reported_as_noise_not_as_a_seed(tmp_path):
         fake_run(tmp_path, "sdpa", seed, [3.0, 2.5 + 0.01 * seed])
         fake_run(tmp_path, "ra_same_flop", seed, [3.0, 2.52 + 0.01 * seed])
     fake_run(tmp_path, "sdpa", 1, [3.002, 2.513], name="sdpa-s1-repeat", repeat_of="sdpa-s1")
-    res = lr.build_results([lr.load_run(d) for d in lr.discover_runs([tmp_path])])
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])])
     base = res["variants"][0]
     assert base["label"] == "sdpa" and base["n_runs"] == 2  # the repeat is not a third sdpa seed
     (rep,) = res["repeats"]
     assert rep["of"] == "sdpa-s1" and rep["diff"] == pytest.approx(0.003)
     assert rep["max_abs_curve_diff"] == pytest.approx(0.003) and rep["at_step"] == 20
-    md = lr.render_tables(res)
+    md = render_tables(res)
     assert "same-seed repeat (sdpa seed 1, another process): final val 2.5100 then 2.5130, Δ = +0.0030 nats" in md
 
 
@@ -268,7 +271,7 @@ def test_repeat_is_reported_as_noise_not_as_a_seed(tmp_path):
 def test_repeat_and_sweep_planning(tmp_path):
     a = qqt.parse_args(["--rung", "short", "--seeds", "2", "--variants", "ra_same_flop,ra_headsel", "--repeat",
                         "--sweep", "ra_R=4,12", "--dataset", "shakespeare"])
-    plan = qqt.plan_runs(a, "x", tmp_path)
+    plan = plan_runs(a, "x", tmp_path)
     names = [Path(r["run_dir"]).name for r in plan]
     assert names[:5] == ["sdpa-s1337", "ra_same_flop-ra_R4-s1337", "ra_same_flop-ra_R12-s1337",
                          "ra_headsel-ra_R4-s1337", "ra_headsel-ra_R12-s1337"]
@@ -276,7 +279,7 @@ def test_repeat_and_sweep_planning(tmp_path):
     rep, first = plan[-1], plan[0]
     assert rep["repeat_of"] == "sdpa-s1337" and rep["seed"] == first["seed"] == 1337
     # the repeat runs exactly the first seed's command, in its own folder
-    assert qqt.strip_flag(rep["argv"], ("--run-name",)) == qqt.strip_flag(first["argv"], ("--run-name",))
+    assert strip_flag(rep["argv"], ("--run-name",)) == strip_flag(first["argv"], ("--run-name",))
     assert plan[1]["argv"][-2:] == ["--ra-R", "4"]
     jobs = workers.plan_jobs(plan)
     # one job per variant key (all its seeds in one process), the repeat apart; longest first
@@ -319,20 +322,20 @@ def test_errors_before_any_run(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "l").exists()
     a = qqt.parse_args(["--rung", "short", "--launch", "subprocess", "--gpus", "2"])
     with pytest.raises(SystemExit, match="needs --launch workers"):
-        qqt.check_gpus(a)
+        check_gpus(a)
     # a ladder folder remembers its corpus and flags
     state = {"corpus": {"name": "prose", "tokens": {"train": 100, "val": 10}, "sha256": "a" * 64},
              "flags": {"lr": 6e-4, "max_steps": 1400}, "rung": "short"}
-    qqt.check_state(tmp_path, state)
-    qqt.check_state(tmp_path, state)  # the same corpus and flags: fine
+    check_state(tmp_path, state)
+    check_state(tmp_path, state)  # the same corpus and flags: fine
     other = {**state, "corpus": {**state["corpus"], "tokens": {"train": 101, "val": 10}, "sha256": "b" * 64}}
     with pytest.raises(SystemExit, match="another version of the corpus"):
-        qqt.check_state(tmp_path, other)
+        check_state(tmp_path, other)
     with pytest.raises(SystemExit, match=r"other training flags \(lr: 0.0006 then, 0.001 now\)"):
-        qqt.check_state(tmp_path, {**state, "flags": {"lr": 1e-3, "max_steps": 1400}})
+        check_state(tmp_path, {**state, "flags": {"lr": 1e-3, "max_steps": 1400}})
     meta = {"name": "prose", "tokens": {"train": 100, "val": 10}, "created": "then"}
-    assert qqt.corpus_identity(meta) == qqt.corpus_identity({**meta, "created": "now"})  # re-prepared: same
-    assert qqt.corpus_identity(meta) != qqt.corpus_identity({**meta, "tokens": {"train": 99, "val": 10}})
+    assert corpus_identity(meta) == corpus_identity({**meta, "created": "now"})  # re-prepared: same
+    assert corpus_identity(meta) != corpus_identity({**meta, "tokens": {"train": 99, "val": 10}})
 
 
 def test_one_pass_steps_and_val_batches():
@@ -340,7 +343,7 @@ def test_one_pass_steps_and_val_batches():
 
     tc, mc, _ = train.resolve_config(["--preset", "gpt2-124m", "--batch-size", "16", "--device", "cpu"])
     meta = {"name": "prose", "tokens": {"train": 23_000_000, "val": 1_200_000}}
-    steps, eval_batches = qqt.one_pass(meta, tc, mc)
+    steps, eval_batches = one_pass(meta, tc, mc)
     assert steps == 23_000_000 // (16 * 1024) == 1403
     assert eval_batches == math.ceil(((1_200_000 - 1) // 1024) / 16)
 
@@ -377,6 +380,7 @@ def ladder(tmp_path_factory):
     return {"dir": tmp / "ladder", "proc": p, "variants": variants, "cmd": cmd, "tmp": tmp, "env": env}
 
 
+@pytest.mark.slow
 def test_sanity_ladder_writes_results(ladder):
     p, out = ladder["proc"], ladder["dir"]
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -394,10 +398,6 @@ def test_sanity_ladder_writes_results(ladder):
     assert "- init: " in md  # the check of equal initial values of the shared weights
     for q in ("keeps val loss (within noise)?**", "**head-selective helps?**", "**quality-per-ms better than baseline?"):
         assert q in md, q
-    try:
-        import matplotlib  # noqa: F401 - only to know whether plots are expected
-    except ImportError:
-        pytest.skip("matplotlib missing: no plots expected")
     for png in ("val_loss_vs_step.png", "val_loss_vs_time.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -406,6 +406,7 @@ def tables(md):
     return md[md.index("## Final validation loss"):md.index("## Runs")]
 
 
+@pytest.mark.slow
 def test_compare_rebuilds_the_same_table(ladder, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(ladder["dir"]), "--out", str(tmp_path / "cmp")],
                        cwd=ladder["tmp"], capture_output=True, text=True, timeout=120)
@@ -419,6 +420,7 @@ def test_compare_rebuilds_the_same_table(ladder, tmp_path):
     assert p.returncode == 0 and f"| {ladder['variants'][1]} | 1/1 |" in p.stdout, p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_runs(ladder):
     p = subprocess.run(ladder["cmd"], cwd=ladder["tmp"], env=ladder["env"], capture_output=True, text=True,
                        timeout=120)
@@ -446,6 +448,7 @@ def test_synthetic_dataset_is_cached_and_loads(tmp_path):
     assert max(toks) < 256
 
 
+@pytest.mark.slow
 def test_a_failing_variant_is_a_failed_row_not_the_end(monkeypatch, tmp_path):
     # a variant that builds but raises in forward, run in-process next to sdpa: sdpa still runs and reports
     import types
@@ -475,6 +478,7 @@ def test_a_failing_variant_is_a_failed_row_not_the_end(monkeypatch, tmp_path):
     assert json.loads((out / "broken-s1337" / "ladder_run.json").read_text())["status"] == "failed (exit 1)"
 
 
+@pytest.mark.slow
 def test_subprocess_launch(tmp_path):
     out = tmp_path / "ladder"
     p = subprocess.run([sys.executable, str(ROOT / "quick_quality_test.py"), "--steps", "4", "--variants", "sdpa",
@@ -486,6 +490,7 @@ def test_subprocess_launch(tmp_path):
     assert (out / "results.md").exists()
 
 
+@pytest.mark.slow
 def test_worker_ladder_end_to_end_with_repeat_and_state(tmp_path):
     # the GPU path on a CPU: one worker process per variant (its two seeds in one process), the repeat in a
     # third; CPU training is deterministic, so the same-seed repeat must come out identical
