@@ -4,10 +4,12 @@ over seeds, and for every variant that logs per-head gates one heatmap per gate 
 (x = step, y = layer x head), so a reader sees in which layers and heads reciprocity survived.
 """
 
+import math
 import re
 import statistics
 from pathlib import Path
 
+from ladder import variants as attn_info
 from ladder.stats import interp
 
 TIME_KEYS = {"measured": "val_times", "steady": "val_times_steady"}  # the run fields of each time axis
@@ -109,15 +111,25 @@ def write_gate_plots(groups, out_dir):
     for label, rs in todo:
         gates = sorted({k.split("/", 1)[1] for r in rs for k in r["gate_history"]["values"]})
         fig, axes = plt.subplots(len(gates), len(rs), figsize=(4.5 * len(rs), 2.8 * len(gates)), squeeze=False)
+        ranges = attn_info.gate_ranges(rs[0]["attn"])
         for gi, gate in enumerate(gates):
+            # one colour scale per gate, shared by the seeds; a bounded gate (e.g. a 0/1 head switch) uses its
+            # declared range, so "all on" and "all off" look different
+            lo, hi = ranges.get(gate, (None, None))
+            matrices = [gate_matrix(r["gate_history"], gate) for r in rs]
+            if lo is not None and hi is not None and math.isfinite(lo):
+                vmin, vmax = lo, hi
+            else:
+                values = [v for _, rows, _ in matrices for row in rows for v in row if math.isfinite(v)]
+                vmin, vmax = (min(values), max(values)) if values else (None, None)
             for si, r in enumerate(rs):
                 ax = axes[gi][si]
-                steps, rows, labels = gate_matrix(r["gate_history"], gate)
+                steps, rows, labels = matrices[si]
                 if not rows:
                     ax.set_axis_off()
                     continue
                 x0, x1 = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
-                im = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis",
+                im = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax,
                                extent=(x0, x1, len(rows) - 0.5, -0.5))
                 starts = [i for i, lab in enumerate(labels) if lab]
                 for i in starts[1:]:
