@@ -66,7 +66,6 @@ import dataclasses
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -81,6 +80,7 @@ from ladder.report import render_tables, write_report
 from ladder.results import MARGIN
 from ladder.runs import load_run, run_passes
 from ladder.state import check_state, corpus_identity, existing_state, ladder_flags, prepare_data, prepared_meta
+from trainer.gitinfo import git_describe
 
 ROOT = Path(__file__).resolve().parent
 RUNGS = ("sanity", "short", "full")
@@ -180,17 +180,6 @@ def print_plan(args, todo, states, out_dir):
         for r in job["runs"]:
             print(f"    python train.py {shlex.join(r['argv'])}")
     return 0
-
-
-def git_describe():
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' (uncommitted changes)' if dirty else ''}" if head else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(cli_argv=None):

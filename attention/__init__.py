@@ -36,7 +36,7 @@ Optional hooks, used when present:
   set_step(step)                the optimizer step, for routing refreshed every N steps
   reset_parameters()            re-applies the module's own init after GPT's generic init
 
-tests/test_ra.py checks the contract of every registered class (options are GPTConfig fields,
+tests/test_ra_contract.py checks the contract of every registered class (options are GPTConfig fields,
 every gates()/metrics() key has a range and lies in it at init, set_heads_mask changes the output)
 and causality with the gates perturbed; GPT builds and trains any registered name.
 So a new variant is one file in this folder plus one line in REGISTRY, nothing else.

@@ -9,7 +9,7 @@ back to the standard term and is ordinary attention scaled by w_std:
     RA:    Qf = [s_std Q[:D-R], s_rec K W],  Kf = [s_std K[:D-R], s_rec Q W]
     plain: Qf = s_std Q,                     Kf = s_std K              (all D dims)
 Both kinds run in the same single SDPA call: the choice is a torch.where inside the
-weight fold (functional.fold_same_flop_qkv(rec_on=...)), on the device.
+weight fold (fold.fold_same_flop_qkv(rec_on=...)), on the device.
 
 Routing rule:
   * head h is RA iff w_rec_h >= ra_threshold, evaluated on the device (no host sync):

@@ -22,7 +22,7 @@ best scale for the D-R that remain) plus a reciprocal term that is second order 
 
 Fused path (ra_fused, the default): K @ W = x @ (Wk_h^T W) + bk_h W, so the reciprocal
 channel is just different rows of the QKV weight. Each forward folds W and the
-amplitudes into the weight (functional.fold_same_flop_qkv, an autograd Function: one
+amplitudes into the weight (fold.fold_same_flop_qkv, an autograd Function: one
 batched matmul plus one pointwise pass forward, a hand-written backward of ~5 fused
 kernels), then ONE F.linear emits Qf, Kf, V and ONE SDPA call attends: no activation
 concat, no host sync.
@@ -42,9 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention.fold import fold_same_flop_qkv
 from attention.functional import (
-    RA_QUANT_MODES, check_ra_quant, fold_same_flop_qkv, merge_heads, quantize_rec, same_flop_qk, sdpa_causal,
-    split_heads,
+    RA_QUANT_MODES, check_ra_quant, merge_heads, quantize_rec, same_flop_qk, sdpa_causal, split_heads,
 )
 from attention.projections import add_projections
 

@@ -1,10 +1,10 @@
 """bench.py's output: the markdown tables (one per section, --profile's, the summary) and the JSON's meta."""
 
 import datetime
-import os
-import subprocess
 
 import torch
+
+from trainer.gitinfo import git_describe
 
 from .profile import KERNEL_CATEGORIES
 from .variants import FUNCTIONS
@@ -109,16 +109,6 @@ def summary(bench):
     return "\n\n".join(out)
 
 
-def git_commit():
-    try:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
-    except Exception:
-        return None
-
-
 def meta(args, device):
     try:
         import triton
@@ -130,7 +120,7 @@ def meta(args, device):
                 smoke=not cuda, torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if cuda else None,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=git_commit(), argv=args.argv, dtype=args.dtype, peak_flops=args.peak_flops,
+                git_commit=git_describe(short=False), argv=args.argv, dtype=args.dtype, peak_flops=args.peak_flops,
                 shapes=dict(attn=dict(B=args.B, H=args.H, T=args.T, D=args.D),
                             step=dict(batch=args.batch, T=args.step_T, n_layer=args.n_layer, n_head=args.n_head,
                                       n_embd=args.n_embd, vocab_size=args.vocab_size)),

@@ -1,15 +1,12 @@
-"""Shared test set-up: the repo root on sys.path, the tiny training command line and its generated corpus."""
+"""Shared test set-up: the tiny training command line and its generated corpus (pyproject.toml puts the repo root
+on sys.path; the float64 RA references are in tests/ra_reference.py)."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data.prepare import make_test_corpus  # noqa: E402
+from data.prepare import make_test_corpus
 
 # a model small enough that 30 CPU steps take seconds
 TINY = ["--preset", "tiny", "--tokenizer", "bytes", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",

@@ -6,11 +6,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import attention  # noqa: E402
-import bench  # noqa: E402
+import attention
+import bench
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +17,7 @@ def smoke(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_smoke_run_covers_every_variant(smoke):
     meta, rows = smoke["meta"], smoke["rows"]
     assert meta["smoke"] and meta["device"] == "cpu" and meta["torch"] and meta["date"] and "--what" in meta["argv"]

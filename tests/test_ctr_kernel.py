@@ -7,7 +7,6 @@ executes this file as a script (`python tests/test_ctr_kernel.py --interp`). Eve
 with a plain float64 reference (explicit score matrix, causal mask, softmax).
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -16,20 +15,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # also run as a script (see above), with tests/ but not the repo on sys.path
     sys.path.insert(0, ROOT)
 
-
-def ref_ra(q, k, v, a, b, scale=None):
-    """float64 exact reciprocal attention: s_ij = scale (a_h q_i.k_j + b_h q_j.k_i), j <= i."""
-    q, k, v, a, b = (x.double() for x in (q, k, v, a, b))
-    T, D = q.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qk = q @ k.transpose(-1, -2)  # [.., i, j] = q_i.k_j
-    s = scale * (a.view(1, -1, 1, 1) * qk + b.view(1, -1, 1, 1) * qk.transpose(-1, -2))
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+from ra_reference import ref_exact  # noqa: E402
 
 
 def _inputs(B, H, T, D, dtype, device="cpu", b_vals=None, seed=0, a_vals=None):
@@ -61,7 +50,7 @@ NAMES = ("out", "dq", "dk", "dv", "da", "db")
 def compare(fn, B, H, T, D, dtype, b_vals=None, seed=0, skip_db_heads=None, a_vals=None):
     q, k, v, a, b, do = _inputs(B, H, T, D, dtype, b_vals=b_vals, seed=seed, a_vals=a_vals)
     got = _grads(fn, q, k, v, a, b, do)
-    want = _grads(ref_ra, q, k, v, a, b, do)
+    want = _grads(ref_exact, q, k, v, a, b, do)
     errs = {}
     for name, g, w in zip(NAMES, got, want):
         assert g is not None, name
@@ -121,7 +110,7 @@ def _interp_main():
     errs = compare(fn, 1, 3, 45, 32, torch.float32, b_vals=[0.4, 0.0, -0.6], seed=9)
     q, k, v, a, b, do = _inputs(1, 3, 45, 32, torch.float32, b_vals=[0.4, 0.0, -0.6], seed=9)
     got = _grads(torch.compile(fn, fullgraph=True), q, k, v, a, b, do)
-    want = _grads(ref_ra, q, k, v, a, b, do)
+    want = _grads(ref_exact, q, k, v, a, b, do)
     errs.update({f"compiled_{n}": _rel(g, w) for n, g, w in zip(NAMES, got, want)})
     bad = {n: e for n, e in errs.items() if not e < 2e-4}
     print("case custom op, eager + compiled: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
@@ -132,6 +121,7 @@ def _interp_main():
     return 1 if failures else 0
 
 
+@pytest.mark.slow
 def test_kernel_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     pytest.importorskip("triton")
@@ -190,7 +180,7 @@ def test_kernel_gpu_bf16(T, D):
     H = 4
     q, k, v, a, b, do = _inputs(2, H, T, D, torch.bfloat16, device="cuda", b_vals=[0.5, 0.0, -0.4, 0.0], seed=T + D)
     got = _grads(lambda *x: ctr_attention(*x), q, k, v, a, b, do)
-    want = _grads(lambda q_, k_, v_, a_, b_: ref_ra(q_.float(), k_.float(), v_.float(), a_, b_).float(),
+    want = _grads(lambda q_, k_, v_, a_, b_: ref_exact(q_.float(), k_.float(), v_.float(), a_, b_).float(),
                   q.float(), k.float(), v.float(), a, b, do.float())
     for name, g, w in zip(NAMES, got, want):
         err = _rel(g, w)

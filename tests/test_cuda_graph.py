@@ -2,13 +2,9 @@
 the step and reset the grads, then ONE capture, then a replay on every call. (The graph itself is
 tested on a GPU in tests/test_train.py::test_cuda_graph_replays_the_same_steps.)"""
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cuda_graph  # noqa: E402
+import cuda_graph
 
 
 def test_graphed_warms_up_then_captures_once_then_replays(monkeypatch):

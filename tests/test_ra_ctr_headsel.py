@@ -1,12 +1,11 @@
 """ra_ctr_headsel on CPU (the pure-torch exact-RA path): gate routing, L1, causality, training."""
 
-import math
-
 import pytest
 import torch
 
 import attention
 from model import GPT, GPTConfig
+from ra_reference import ref_exact
 
 
 def cfg(**kw):
@@ -14,16 +13,6 @@ def cfg(**kw):
     base = dict(n_layer=2, n_head=3, n_embd=96, block_size=64, vocab_size=64, attn="ra_ctr_headsel", ra_threshold=0.1)
     base.update(kw)
     return GPTConfig(**base)
-
-
-def ref_exact(q, k, v, a, b):
-    """float64 exact RA with an explicit score matrix, mask and softmax."""
-    D, T = q.size(-1), q.size(-2)
-    s = (a.view(1, -1, 1, 1) * (q @ k.transpose(-1, -2)) + b.view(1, -1, 1, 1) * (k @ q.transpose(-1, -2)))
-    s = s / math.sqrt(D)
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    p = torch.exp(s - s.amax(-1, keepdim=True))
-    return (p / p.sum(-1, keepdim=True)) @ v
 
 
 def test_routed_off_heads_are_plain_and_match_reference():

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import conftest
+import train
+from data.prepare import dataset_dir
+from data.shards import write_shard
+from trainer import config, runs
 
-import train  # noqa: E402
-import conftest  # noqa: E402
-from data.prepare import dataset_dir  # noqa: E402
-from data.shards import write_shard  # noqa: E402
-from trainer import config, runs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [*conftest.TINY, "--lr-decay-steps", "60"]  # (and the `corpus` fixture)
 
@@ -49,6 +48,7 @@ def losses(path):
 
 # ----------------------------------------------------------------------------- an old run is never written over
 
+@pytest.mark.slow
 def test_existing_run_refuses_then_overwrite_moves_it_aside(corpus, tmp_path):
     run_train(["--max-steps", "2", "--run-name", "r"], corpus, tmp_path)
     run = tmp_path / "runs" / "r"
@@ -81,6 +81,7 @@ def test_live_lock_fails_at_once_naming_the_holder(corpus, tmp_path):
     assert not (tmp_path / "runs" / "busy").exists()  # the lock's empty folder goes with it
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_process_is_taken_over(corpus, tmp_path):
     run = tmp_path / "runs" / "stale"
     run.mkdir(parents=True)
@@ -149,6 +150,7 @@ def test_bad_val_split_stops_before_the_first_step(case, message, corpus, tmp_pa
 
 # ----------------------------------------------------------------------------- resume
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_stop_and_resume_logs_what_an_uninterrupted_run_logs(how, corpus, tmp_path):
     """Checkpoints every 4 steps, a log line every 3: the line after the stop spans it, and must average the
@@ -186,6 +188,7 @@ def test_stop_and_resume_logs_what_an_uninterrupted_run_logs(how, corpus, tmp_pa
     assert [r for r in read_log(run / "log.jsonl") if r["step"] > s][0]["train_time_s"] > ckpt["train_time_s"]
 
 
+@pytest.mark.slow
 def test_time_budget_counts_the_time_before_the_resume(corpus, tmp_path):
     run_train(["--max-steps", "6", "--run-name", "budget"], corpus, tmp_path)
     spent = torch.load(tmp_path / "runs/budget/ckpt.pt", weights_only=False)["train_time_s"]
@@ -197,6 +200,7 @@ def test_time_budget_counts_the_time_before_the_resume(corpus, tmp_path):
     assert json.loads((tmp_path / "runs/budget/summary.json").read_text())["step"] == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
 def test_unreadable_checkpoint_names_the_file_and_what_to_do(damage, corpus, tmp_path):
     run_train(["--max-steps", "2", "--run-name", "bad"], corpus, tmp_path)
@@ -212,6 +216,7 @@ def test_unreadable_checkpoint_names_the_file_and_what_to_do(damage, corpus, tmp
     assert str(path) in p.stderr and "--overwrite" in p.stderr
 
 
+@pytest.mark.slow
 def test_resume_rejects_flags_that_cannot_change(corpus, tmp_path):
     run_train(["--max-steps", "2", "--run-name", "fixed"], corpus, tmp_path)
     p = run_train(["--run-name", "fixed", "--resume", "--max-steps", "4", "--n-layer", "3", "--seed", "9"], corpus,

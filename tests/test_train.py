@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import TINY  # (and the `corpus` fixture)
 
-from conftest import TINY  # noqa: E402  (and the `corpus` fixture)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(args, corpus, tmp_path, env=None, check=True, timeout=300):
@@ -80,6 +79,7 @@ def test_bad_cli_input_fails_before_work(args, message, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.slow
 def test_short_run_loss_falls_and_logs(corpus, tmp_path):
     run_train(["--max-steps", "30", "--run-name", "falls", "--eval-every", "15"], corpus, tmp_path)
     run = tmp_path / "runs" / "falls"
@@ -102,6 +102,7 @@ def test_short_run_loss_falls_and_logs(corpus, tmp_path):
     assert text.startswith("The ") and len(text) > len("The ") + 5, p.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(corpus, tmp_path):
     common = ["--lr-decay-steps", "16", "--grad-accum", "2"]
     run_train(["--max-steps", "16", "--run-name", "straight", *common], corpus, tmp_path)
@@ -115,6 +116,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
         assert split[s] == pytest.approx(straight[s], abs=1e-6), s
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_then_resume(corpus, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", corpus["dataset"], "--data-root",
            corpus["data_root"], "--out-dir", str(tmp_path / "runs"), "--run-name", "sig", "--max-steps", "100000"]
@@ -132,6 +134,7 @@ def test_sigterm_checkpoints_then_resume(corpus, tmp_path):
     assert f"resuming sig from step {ckpt_step}" in p2.stdout
 
 
+@pytest.mark.slow
 def test_resume_checks_the_merged_config(corpus, tmp_path):
     """The saved config and the flags given at resume are checked together: a --cuda-graph run resumed
     with --device cpu (TINY's) stops with a message instead of replaying a graph that recorded nothing."""
@@ -145,6 +148,7 @@ def test_resume_checks_the_merged_config(corpus, tmp_path):
     assert "--resume: --cuda-graph needs a CUDA GPU" in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_message(corpus, tmp_path):
     p = run_train(["--max-steps", "30", "--run-name", "nan", "--lr", "1e9", "--min-lr", "1e8", "--warmup-steps",
                    "0", "--grad-clip", "0"], corpus, tmp_path, check=False)
@@ -152,6 +156,7 @@ def test_nonfinite_loss_stops_with_message(corpus, tmp_path):
     assert "stopping: the loss is" in p.stdout
 
 
+@pytest.mark.slow
 def test_synthetic_recall_dataset(tmp_path):
     """--dataset synthetic-recall is generated on first use (data/prepare.py's ensure_dataset)."""
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "synthetic-recall",
@@ -162,6 +167,7 @@ def test_synthetic_recall_dataset(tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "runs/rec/log.jsonl") if "loss" in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_torchrun_gloo_two_processes(corpus, tmp_path):
     # prepare first so both ranks find the data
     run_train(["--max-steps", "1", "--run-name", "prep"], corpus, tmp_path)
@@ -177,6 +183,7 @@ def test_torchrun_gloo_two_processes(corpus, tmp_path):
     assert "world=2" in p.stdout
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_files(corpus, tmp_path):
     pytest.importorskip("wandb")
     run_train(["--max-steps", "3", "--run-name", "wb", "--wandb", "--wandb-group", "g"], corpus, tmp_path,
