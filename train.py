@@ -10,6 +10,8 @@ Every field of TrainConfig (trainer/config.py) and of model.GPTConfig is a flag
 log.jsonl (one JSON object per logged step) and ckpt.pt (atomic, resumable with
 --resume). A folder that holds a run is not written into without --resume or
 --overwrite, and a lock (train.lock) keeps two processes out of the same folder.
+Under torchrun, N processes x --grad-accum A train on the batches that one process
+with --grad-accum N*A reads, and a checkpoint resumes on either (docs/ddp.md).
 """
 
 import contextlib
@@ -26,10 +28,11 @@ import torch
 
 import attention
 from model import GPT
-from trainer.common import (gather_objects, init_device, lr_at, peak_flops, replicas_agree, rng_state,
-                            set_rng_state, stop_on_signals)
+from trainer.common import (gather_objects, init_device, lr_at, mean_over_ranks_, peak_flops, replicas_agree,
+                            rng_state, set_rng_state, stop_on_signals)
 from trainer.config import TrainConfig, parse_args, resolve_config  # noqa: F401  (train.X callers)
-from trainer.runs import RunError, RunLog, cut_log, ensure_data, open_run, open_splits, save_checkpoint, write_atomic
+from trainer.runs import (RunError, RunLog, cut_log, ensure_data, global_loader_state, open_run, open_splits,
+                          save_checkpoint, write_atomic)
 from trainer.step import TrainStep, evaluate, launcher, load_batches
 
 
@@ -51,7 +54,7 @@ def train(tc, mc, notes, given, cleanup):
         log(n)
 
     # ---- run folder (locked); with --resume the checkpoint and its config
-    tc, mc, run_dir, ckpt = open_run(tc, mc, given, master, log, cleanup)
+    tc, mc, run_dir, ckpt = open_run(tc, mc, given, master, log, cleanup, world)
     ckpt_path = run_dir / "ckpt.pt"
 
     # ---- data: prepared on first use; both splits checked now, not at the first eval
@@ -91,7 +94,13 @@ def train(tc, mc, notes, given, cleanup):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"][rank] if rank < len(ckpt["loader"]) else ckpt["loader"][0])
+        # one global loader state (docs/ddp.md): every rank finds its own micro-batches in it
+        state, note = global_loader_state(ckpt)
+        if note:
+            log(note)
+        loader.load_state_dict(state)
+        # each rank's own RNG where the checkpoint has it (an exact resume on as many processes, dropout
+        # included), else rank 0's: the training step draws nothing at --dropout 0
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
@@ -158,6 +167,8 @@ def train(tc, mc, notes, given, cleanup):
         is_last = step == tc.max_steps
         on_grid = step % tc.log_every == 0
         if on_grid or is_last:
+            # the mean over ranks (one all-reduce per log interval): the loss of the global batch
+            mean_over_ranks_([train_step.loss_sum, train_step.aux_sum], world)
             loss_val = (train_step.loss_sum / interval_steps).item()  # the one host sync per log interval
             aux_val = (train_step.aux_sum / interval_steps).item()
             interval_time += time.perf_counter() - t0
@@ -198,15 +209,18 @@ def train(tc, mc, notes, given, cleanup):
             run_log.write({"step": step, "val_loss": val_loss, "train_time_s": train_time + interval_time})
             log(f"step {step:6d} | val loss {val_loss:.4f}")
         if (tc.ckpt_every and step % tc.ckpt_every == 0) or is_last or stop["signal"] or out_of_time:
-            # every rank's loader position and RNG, so that a resume continues each exactly
-            loaders, rngs = gather_objects(loader_state, world), gather_objects(rng_state(), world)
+            # the global loader position (the same on every rank), every rank's RNG, and the open interval's
+            # loss sums averaged over the ranks, so that a resume on any world size continues exactly
+            rngs = gather_objects(rng_state(), world)
+            mean_over_ranks_([train_step.loss_sum, train_step.aux_sum], world)
             if master:
                 interval = {"loss": train_step.loss_sum.cpu(), "aux": train_step.aux_sum.cpu(),
                             "time_s": interval_time, "steps": interval_steps}
                 save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "scaler": scaler.state_dict(), "loader": loaders, "rng": rngs,
+                                            "scaler": scaler.state_dict(), "loader": loader_state, "rng": rngs,
                                             "step": step, "model_config": asdict(mc), "train_config": asdict(tc),
-                                            "train_time_s": train_time, "interval": interval})
+                                            "train_time_s": train_time, "interval": interval,
+                                            "world_size": world})
             last_good_ckpt_step = step
         if stop["signal"]:
             status = f"stopped by signal {stop['signal']}"

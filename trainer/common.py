@@ -47,6 +47,20 @@ def gather_objects(obj, world):
     return out
 
 
+def mean_over_ranks_(tensors, world):
+    """Replace each tensor by its mean over the ranks, in place (one all-reduce; one process: nothing). For
+    running sums that every rank adds to: once averaged, later averages still count each rank's part once."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    flat = torch.stack([t.detach().float() for t in tensors])
+    dist.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= world
+    for t, m in zip(tensors, flat):
+        t.copy_(m)
+
+
 def replicas_agree(model, world):
     """Whether every rank holds the same weights: a cheap end-of-run check of DDP (sum and sum of squares)."""
     import torch.distributed as dist

@@ -26,7 +26,8 @@ from trainer.config import ROOT, TrainConfig, check_config, flag
 # files that mean a folder holds a run (the quality ladder puts its own train.log there first)
 RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "summary.json")
 # flags whose saved value a resume keeps: they define the model, the data stream or the batches it draws
-FIXED_ON_RESUME = ("preset", "dataset", "tokenizer", "seed", "batch_size", "grad_accum") + tuple(
+# (--grad-accum may change with the number of processes, as long as the global batch stays: check_world)
+FIXED_ON_RESUME = ("preset", "dataset", "tokenizer", "seed", "batch_size") + tuple(
     f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "sdpa_backend"))
 
 
@@ -35,10 +36,11 @@ class RunError(Exception):
     without a traceback; train.main callers such as the quality ladder get it as an exception)."""
 
 
-def open_run(tc, mc, given, master, log, cleanup):
+def open_run(tc, mc, given, master, log, cleanup, world=1):
     """The run folder, locked by rank 0 until cleanup closes (a new run never writes into an old one), and
-    the run's config: with --resume the checkpoint's, overridden only by the flags given now. Returns
-    (tc, mc, run_dir, ckpt); ckpt is None for a new run."""
+    the run's config: with --resume the checkpoint's, overridden only by the flags given now; world processes
+    must read the checkpoint's global batch (check_world). Returns (tc, mc, run_dir, ckpt); ckpt is None for
+    a new run."""
     run_name = tc.run_name or f"{mc.attn}-{tc.preset}-s{tc.seed}"
     run_dir = ROOT / tc.out_dir / run_name if not os.path.isabs(tc.out_dir) else Path(tc.out_dir) / run_name
     ckpt_path = run_dir / "ckpt.pt"
@@ -59,6 +61,7 @@ def open_run(tc, mc, given, master, log, cleanup):
         except ValueError as e:
             raise RunError(f"--resume: {e} (the saved config is in {run_dir / 'config.json'}; a flag given now "
                            "overrides it)") from None
+        check_world(ckpt, tc, world)
         log(f"resuming {run_name} from step {ckpt['step']}")
     else:
         found = [f for f in RUN_FILES if (run_dir / f).exists()]
@@ -209,6 +212,47 @@ def resume_config(ckpt, tc, mc, given):
     return tc, mc
 
 
+def saved_world(ckpt):
+    """(world size, --grad-accum) of the run that wrote ckpt; a checkpoint from before the global loader
+    state has one loader state per rank."""
+    world = ckpt.get("world_size") or (len(ckpt["loader"]) if isinstance(ckpt["loader"], list) else 1)
+    return int(world), int(ckpt["train_config"]["grad_accum"])
+
+
+def check_world(ckpt, tc, world):
+    """A resume on `world` processes must read the same global batch as the run that wrote ckpt: world *
+    --grad-accum micro-batches per step, as saved. Else a RunError that says which --grad-accum to pass."""
+    w0, a0 = saved_world(ckpt)
+    per_step = w0 * a0
+    if world * tc.grad_accum == per_step:
+        return
+    fix = (f"pass --grad-accum {per_step // world}" if per_step % world == 0 else
+           f"{world} processes cannot split {per_step} micro-batches evenly; use a number of processes that "
+           f"divides {per_step}")
+    raise RunError(f"--resume: the checkpoint's optimizer step reads {per_step} micro-batches of --batch-size "
+                   f"{tc.batch_size} ({w0} process{'es' if w0 > 1 else ''} x --grad-accum {a0}); {world} "
+                   f"process{'es' if world > 1 else ''} x --grad-accum {tc.grad_accum} would read "
+                   f"{world * tc.grad_accum} and change the batches and the data order: {fix}")
+
+
+def global_loader_state(ckpt):
+    """(the train loader's global state, a note or None). A checkpoint from before the global stream holds a
+    list of per-rank states: one process's is the global one; several ranks drew rank-seeded windows that
+    the global stream cannot reproduce, so the resume continues the global stream after as many micro-batches
+    as they read together (another data order from there on than the old code's)."""
+    state = ckpt["loader"]
+    if isinstance(state, dict):
+        return state, None
+    if len(state) == 1:
+        return state[0], None
+    w0, a0 = saved_world(ckpt)
+    steps = int(state[0]["step"]) // a0
+    note = (f"note: this checkpoint comes from {w0} ranks that drew rank-seeded batches (before the batches were "
+            f"the same at any world size); the resume reads the global stream from micro-batch {steps * w0 * a0}, "
+            f"so its data order differs from what the old code would have drawn")
+    return {"step": steps * w0 * a0, "seed": state[0]["seed"]}, note
+
+
 def save_checkpoint(path, obj):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact. The temp name is unique to
     the process, so no two writers ever share one."""
@@ -252,9 +296,9 @@ def open_splits(data_dir, tc, mc, rank, world, pin_memory):
 
     try:
         train = TokenLoader(data_dir, "train", tc.batch_size, mc.block_size, rank=rank, world_size=world,
-                            seed=tc.seed, pin_memory=pin_memory)
+                            seed=tc.seed, pin_memory=pin_memory, accum=tc.grad_accum)
         val = TokenLoader(data_dir, "val", tc.batch_size, mc.block_size, rank=rank, world_size=world, seed=0)
-        val.val_windows(tc.eval_batches)
+        val.val_windows(tc.eval_batches, global_batches=True)
     except (ShardError, ValueError, FileNotFoundError) as e:
         raise RunError(f"data: {e}") from None
     return train, val

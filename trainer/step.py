@@ -94,13 +94,20 @@ def load_batches(loader, xbs, ybs):
 
 @torch.no_grad()
 def evaluate(model, val_loader, n_batches, device, autocast, ddp=False):
-    """Mean val loss over the val loader's fixed windows (all ranks' under DDP); the model back in train mode."""
-    model.eval()
+    """Mean val loss over the val loader's fixed windows: n_batches batches of B over all ranks, the same
+    windows in the same batches at any world size (rank r evaluates one process's batches r, r+N, ...). The
+    mean of the batches' mean losses, as one process computes it (a partial last batch counts as one batch,
+    as it always did), so N ranks give one process's value up to float rounding. The model back in train
+    mode."""
+    # the module inside DDP: a DDP forward may broadcast buffers, a collective that a rank with fewer (or no)
+    # val batches would never join
+    inner = model.module if ddp else model
+    inner.eval()
     total, n = torch.zeros((), device=device), 0
-    for x, y in val_loader.val_batches(n_batches):
+    for x, y in val_loader.val_batches(n_batches, global_batches=True):
         x, y = x.to(device), y.to(device)
         with autocast:
-            _, loss = model(x, y, return_logits=False)
+            _, loss = inner(x, y, return_logits=False)
         total += loss.float()
         n += 1
     stats = torch.tensor([total.item(), float(n)], device=device)
@@ -108,5 +115,5 @@ def evaluate(model, val_loader, n_batches, device, autocast, ddp=False):
         import torch.distributed as dist
 
         dist.all_reduce(stats)
-    model.train()
+    inner.train()
     return (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
