@@ -32,7 +32,7 @@ import statistics
 
 from ladder import variants as attn_info
 from ladder.plots import TIME_KEYS  # the run fields of each time axis
-from ladder.runs import STALL, group_runs, run_passes, unlike_fields
+from ladder.runs import STALL, config_key, group_runs, run_passes, unlike_fields
 from ladder.stats import interp, mean_std, paired_delta
 from ladder.verdicts import verdicts
 
@@ -44,6 +44,7 @@ def build_results(runs, baseline=None, order=None, meta=None, time_axis="measure
     time_axis: "measured" (train_time_s) or "steady" (step x median ms/step) for the equal-time comparison."""
     if time_axis not in TIME_KEYS:
         raise ValueError(f"time_axis={time_axis!r}: use {' or '.join(TIME_KEYS)}")
+    mark_same_seed_repeats(runs)
     groups = group_runs(runs, order)
     labels = [label for label, _ in groups]
     if baseline is None:
@@ -117,6 +118,20 @@ def equal_time_delta(runs, base_runs, key="val_times"):
     if out["n"] == 0 and no_overlap:
         out["verdict"] = "no overlap"
     return out
+
+
+def mark_same_seed_repeats(runs):
+    """Run folders gathered by hand (compare.py) may hold the same config and seed twice without a ladder's
+    repeat_of: the later one (by folder name) is then a repeat of the first, noise rather than another seed."""
+    first = {}
+    for r in sorted(runs, key=lambda r: r["name"]):
+        if r.get("repeat_of") or r["config"] is None or r["seed"] is None:
+            continue
+        key = (config_key(r["config"]), r["seed"])
+        if key in first:
+            r["repeat_of"] = first[key]["name"]
+        else:
+            first[key] = r
 
 
 def repeat_deltas(runs):

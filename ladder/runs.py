@@ -235,7 +235,8 @@ def run_passes(run):
 
 # ----------------------------------------------------------------------------- variants
 
-def _key(config):
+def config_key(config):
+    """What makes two runs the same variant: their config without the seed and bookkeeping fields."""
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in IGNORED_FIELDS))
 
 
@@ -246,7 +247,7 @@ def group_runs(runs, order=None):
     groups = {}
     for r in runs:
         if r["config"] is not None:
-            groups.setdefault(_key(r["config"]), []).append(r)
+            groups.setdefault(config_key(r["config"]), []).append(r)
     by_attn = {}
     for key, rs in groups.items():
         by_attn.setdefault(rs[0]["attn"], []).append(key)

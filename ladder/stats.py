@@ -94,14 +94,15 @@ def classify(delta):
 
 
 def decide_note(delta):
-    """What would decide an undecided comparison: '~7 seeds would decide it at this spread', or why not."""
+    """What would decide an undecided comparison (is the difference above or below 0?): '~7 seeds would decide
+    its sign at this spread', or why not."""
     if not delta or delta.get("verdict") != "undecided":
         return ""
     n = delta.get("seeds_needed")
     if n is None:
         return (f"no seed count up to {MAX_SEEDS} would decide it at this spread: the difference is below what "
                 f"this rung resolves")
-    return f"~{n} seeds would decide it at this spread"
+    return f"~{n} seeds would decide its sign at this spread"
 
 
 def noninferior(d, margin):

@@ -60,8 +60,10 @@ def _keeps_seeds(d, margin):
 
 
 def _more_seeds(n):
-    return (f"more seeds: ~{n} would decide it at this spread (--seeds {n} with the same --out-dir reuses the "
-            f"finished runs)" if n else "a longer rung: no seed count would decide it at this spread")
+    # this question is "within the margin?", not the sign of the difference: its seed count differs from the sign's
+    return (f"more seeds: ~{n} would decide whether it keeps the loss within the margin at this spread (--seeds {n} "
+            f"with the same --out-dir reuses the finished runs)" if n else
+            "a longer rung: no seed count would decide whether it keeps the loss at this spread")
 
 
 def _find(results, attn):

@@ -47,7 +47,7 @@ def test_paired_ci_by_hand_and_undecided():
     # a CI that contains 0 is undecided; at sd 0.02 the CI half-width drops below 0.01 at n = 18:
     # t(0.975, 16) * 0.02 / sqrt(17) = 0.01028, t(0.975, 17) * 0.02 / sqrt(18) = 0.00995
     assert d["verdict"] == "undecided" and d["seeds_needed"] == 18
-    assert "~18 seeds would decide it" in ls.decide_note(d)
+    assert "~18 seeds would decide its sign" in ls.decide_note(d)
 
 
 def test_seeds_needed_edges():
@@ -264,6 +264,20 @@ def test_repeat_is_reported_as_noise_not_as_a_seed(tmp_path):
     assert rep["max_abs_curve_diff"] == pytest.approx(0.003) and rep["at_step"] == 20
     md = render_tables(res)
     assert "same-seed repeat (sdpa seed 1, another process): final val 2.5100 then 2.5130, Δ = +0.0030 nats" in md
+
+
+def test_same_seed_twice_without_a_ladder_is_a_repeat(tmp_path):
+    """compare.py on hand-made run folders: a second run of one config and seed is a repeat of the first
+    (by folder name), not a second copy of that seed in the paired statistics."""
+    for seed in (1, 2):
+        fake_run(tmp_path, "sdpa", seed, [3.0, 2.5 + 0.01 * seed])
+        fake_run(tmp_path, "ra_same_flop", seed, [3.0, 2.52 + 0.01 * seed])
+    fake_run(tmp_path, "sdpa", 1, [3.0, 2.6], name="sdpa-s1-zagain")
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])])
+    base = res["variants"][0]
+    assert base["n_runs"] == 2 and base["final_val"] == {1: pytest.approx(2.51), 2: pytest.approx(2.52)}
+    (rep,) = res["repeats"]
+    assert rep["name"] == "sdpa-s1-zagain" and rep["of"] == "sdpa-s1" and rep["diff"] == pytest.approx(0.09)
 
 
 # ----------------------------------------------------------------------------- planning: --repeat, --sweep, --gpus
