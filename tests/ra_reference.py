@@ -104,3 +104,15 @@ def tiny_cfg(name, **kw):
 def tiny_gpt(name, seed=0, **kw):
     torch.manual_seed(seed)
     return GPT(tiny_cfg(name, **kw))
+
+
+def permutation_batches(n_steps, length, batch=8, vocab=64, seed=0):
+    """A synthetic task that attention can learn fast: each sequence walks one fixed random permutation of the
+    vocabulary from a random start. Yields n_steps (batch, length + 1) token tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(vocab, generator=gen)
+    for _ in range(n_steps):
+        seq = [torch.randint(0, vocab, (batch,), generator=gen)]
+        for _ in range(length):
+            seq.append(perm[seq[-1]])
+        yield torch.stack(seq, 1)  # (batch, length + 1)

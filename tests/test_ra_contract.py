@@ -16,7 +16,7 @@ import attention
 from attention import functional as AF
 from attention.triton_setup import HAS_TRITON
 from model import GPTConfig
-from ra_reference import tiny_cfg, tiny_gpt
+from ra_reference import permutation_batches, tiny_cfg, tiny_gpt
 
 
 # GPTConfig fields any attention module may read without listing them in its `options`
@@ -129,15 +129,9 @@ def check_trains(name, **kw):
     gates = {n: p for n, p in attn.named_parameters() if not n.startswith(("c_attn", "c_proj"))}
     assert gates
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(64, generator=gen)  # synthetic task: walk a fixed random permutation
     losses = []
-    for step in range(30):
+    for step, seq in enumerate(permutation_batches(30, 64)):  # seq (8, 65)
         model.set_step(step)
-        seq = [torch.randint(0, 64, (8,), generator=gen)]
-        for _ in range(64):
-            seq.append(perm[seq[-1]])
-        seq = torch.stack(seq, 1)  # (8, 65)
         _, loss = model(seq[:, :-1], seq[:, 1:].contiguous())
         (loss + model.aux_loss()).backward()
         if step == 0:
