@@ -32,15 +32,22 @@ def run_on_side_stream(fn):
     return out
 
 
+class CaptureError(RuntimeError):
+    """The capture failed. It can leave the CUDA RNG unusable for the rest of the process (bench.py then
+    captures nothing more and builds its models on the CPU)."""
+
+
 def capture(fn, pool=None):
     """Record fn's kernels as one torch.cuda.CUDAGraph and return it; nothing runs until .replay().
-    pool: a torch.cuda.graph_pool_handle() shared by graphs that are never replayed concurrently."""
+    pool: a torch.cuda.graph_pool_handle() shared by graphs that are never replayed concurrently and stay
+    alive together (capturing into a pool whose graphs were all freed trips an allocator assert).
+    Raises CaptureError."""
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, pool=pool):
             fn()
     except RuntimeError as e:
-        raise RuntimeError(
+        raise CaptureError(
             f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
             "Usually something in the step synchronizes the host (.item(), a data-dependent branch). Run without "
             "--cuda-graph.") from e

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import attention
+from cuda_graph import CaptureError
 
 from .profile import profile_kernels
 from .timing import HostSync, cycle, free_memory, randn, time_graph_ms, time_ms
@@ -34,7 +35,7 @@ class Bench:
         self.rows, self.dead = [], None  # dead: why the CUDA context can no longer be used
         self.shown = set()  # (variant, error) whose traceback went to stderr already
         self.capture_failed = None  # the row whose CUDA-graph capture failed (it breaks the CUDA RNG)
-        self.step_pool = None  # the memory pool of the training-step graphs (--cuda-graph)
+        self.step_pool = None  # the memory pool of the step graphs that --interleave keeps alive together
         self.notes = {}  # variant -> what it printed (e.g. "[ra_ctr] CTR kernel unavailable ..."), kept for later rows
 
     def autocast(self):
@@ -56,7 +57,7 @@ class Bench:
             skip = isinstance(e, (Skip, ImportError))
             msg = f"{'skipped' if skip else 'error'}: {'' if isinstance(e, Skip) else type(e).__name__ + ': '}{e}"
             msg = " ".join(msg.split())[:300]
-            if self.capture_failed and not skip:
+            if self.capture_failed and not skip and not isinstance(e, CaptureError):  # not the failed capture itself
                 msg += (f" (after the failed CUDA-graph capture of {self.capture_failed}, which can leave the CUDA "
                         f"RNG unusable: rerun with --no-graphs, or without that variant)")
             for r in rows:
@@ -223,6 +224,9 @@ class Bench:
         built = {}
 
         def run():
+            if graphed and self.capture_failed:  # no capture works after a failed one
+                raise Skip(f"the CUDA-graph capture of {self.capture_failed} failed earlier in this process and "
+                           f"leaves the CUDA RNG unusable; rerun with --variants {name}")
             if compiled and timed:  # a fresh cache per model (else the recompile limit falls back to eager)
                 torch._dynamo.reset()
                 free_memory(dev)
@@ -230,13 +234,23 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats()
             with (dev if not self.capture_failed else contextlib.nullcontext()):  # on the device: faster; see randn()
                 model = build_model(name, cfg).to(dev).train()
-            if graphed and self.step_pool is None:  # one memory pool for every variant's graph (never concurrent)
-                self.step_pool = torch.cuda.graph_pool_handle()
+            # --interleave keeps every variant's graph alive: one memory pool for them all (never replayed
+            # concurrently). Timed one by one, each graph is freed before the next capture, and capturing into a
+            # pool whose graphs were all freed trips an allocator assert: a private pool per graph (None).
+            pool = None
+            if graphed and not timed:
+                if self.step_pool is None:
+                    self.step_pool = torch.cuda.graph_pool_handle()
+                pool = self.step_pool
             train_step = self.make_train_step(model, cfg, B, T, compiled, self.autocast, a.n_inputs, graphed=graphed,
-                                         graph_pool=self.step_pool)
+                                              graph_pool=pool)
             t0 = time.perf_counter()
-            for _ in range(4 if graphed else 1):  # compilation, autotuning, allocator growth (and the capture)
-                train_step()
+            try:
+                for _ in range(4 if graphed else 1):  # compilation, autotuning, allocator growth (and the capture)
+                    train_step()
+            except CaptureError:  # later rows: no captures, models built on the CPU (see randn())
+                self.capture_failed = f"{name} ({passes})"
+                raise
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row["first_step_s"] = time.perf_counter() - t0
@@ -292,6 +306,7 @@ class Bench:
                 row["ratio_range"] = [min(paired), max(paired)]
         self.save()
         del built
+        self.step_pool = None  # its graphs are freed: the next call (compiled after eager) needs a new pool
         torch._dynamo.reset()
         free_memory(dev)
 

@@ -143,3 +143,100 @@ def test_step_overhead_tool_needs_a_gpu():
     r = subprocess.run([sys.executable, "tools/step_overhead.py", "--variants", "sdpa"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr
+
+
+# -- graphed step rows (--cuda-graph) on a CPU: the CUDA calls and the training step replaced by fakes
+
+
+class FakeModel:
+    def to(self, dev):
+        return self
+
+    def train(self):
+        return self
+
+    def flops_per_token(self, T):
+        return 1.0
+
+    def num_params(self):
+        return 1
+
+
+def fake_graphed_bench(monkeypatch, fail=(), interleave=0):
+    """A Bench whose step rows are graphed (--cuda-graph on a 'cuda' device) with no GPU. Returns it and the
+    calls to make_train_step as (variant, graph_pool) and the variants built. A variant in `fail` raises
+    cuda_graph.CaptureError at its 4th step, where the capture happens."""
+    import argparse
+
+    import torch
+
+    import cuda_graph
+    from benchmarks import runner
+
+    calls, built = [], []
+    for f in ("reset_peak_memory_stats", "synchronize"):
+        monkeypatch.setattr(torch.cuda, f, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())  # a new handle per call
+    monkeypatch.setattr(runner, "time_ms", lambda fn, warmup, reps, dev: (fn(), 1.0)[1])
+
+    def build_model(name, cfg):
+        built.append(name)
+        return FakeModel()
+
+    monkeypatch.setattr(runner, "build_model", build_model)
+
+    def make_train_step(model, cfg, B, T, compiled, autocast, n_inputs, graphed=False, graph_pool=None):
+        name = built[-1]
+        calls.append((name, graph_pool))
+        n = iter(range(100))
+
+        def train_step():
+            if next(n) == 3 and name in fail:
+                raise cuda_graph.CaptureError("capturing the training step as a CUDA graph failed (RuntimeError: x)")
+
+        return train_step
+
+    args = argparse.Namespace(cuda_graph=True, out=None, n_inputs=1, step_warmup=1, step_reps=2, profile=0,
+                              peak_flops=None, interleave=interleave)
+    bench = runner.Bench(args, torch.device("cuda"), torch.float32, {}, make_train_step)
+    return bench, calls, built
+
+
+def test_graphed_steps_timed_one_by_one_get_private_pools(monkeypatch):
+    # each graph is freed before the next capture: a shared pool would be one whose graphs are all gone,
+    # which trips the CUDA caching allocator's assert at the next capture
+    bench, calls, _ = fake_graphed_bench(monkeypatch)
+    for name in ("sdpa", "ra_same_flop"):
+        bench.step(name, None, 2, 8, compiled=False)
+    assert [r["status"] for r in bench.rows] == ["ok", "ok"] and bench.rows[0]["passes"] == "eager+graph"
+    assert calls == [("sdpa", None), ("ra_same_flop", None)]
+
+
+def test_interleaved_graphed_steps_share_one_pool_per_call(monkeypatch):
+    # --interleave keeps all graphs alive together: one pool for them; a new one for the next call's graphs
+    bench, calls, _ = fake_graphed_bench(monkeypatch, interleave=2)
+    bench.interleaved_steps(["sdpa", "ra_same_flop"], None, 2, 8, compiled=False)
+    bench.interleaved_steps(["sdpa", "ra_same_flop"], None, 2, 8, compiled=False)
+    assert [r["status"] for r in bench.rows] == ["ok"] * 4
+    pools = [pool for _, pool in calls]
+    assert pools[0] is not None and pools[0] is pools[1] and pools[2] is pools[3] and pools[2] is not pools[0]
+
+
+def test_failed_step_capture_skips_later_graphed_rows(monkeypatch, capsys):
+    # a failed capture leaves the CUDA RNG unusable: no later capture (nor a model built on the GPU)
+    bench, calls, built = fake_graphed_bench(monkeypatch, fail=("ra_same_flop",))
+    for name in ("sdpa", "ra_same_flop", "ra_exact", "ra_ctr_headsel"):
+        bench.step(name, None, 2, 8, compiled=False)
+    sdpa, failed, *later = bench.rows
+    assert sdpa["status"] == "ok"
+    assert failed["status"].startswith("error: CaptureError: capturing the training step")
+    assert "after the failed" not in failed["status"]  # its own error, not one after a failed capture
+    assert bench.capture_failed == "ra_same_flop (eager+graph)"
+    for r in later:
+        assert r["status"] == ("skipped: the CUDA-graph capture of ra_same_flop (eager+graph) failed earlier in this "
+                               f"process and leaves the CUDA RNG unusable; rerun with --variants {r['variant']}"), r
+        assert r["ms"] is None
+    assert built == [c[0] for c in calls] == ["sdpa", "ra_same_flop"]  # nothing built or captured after the failure
+    err = capsys.readouterr().err
+    assert "[bench] ra_same_flop (model, step) failed" in err and err.count("failed:") == 1  # a skip prints nothing

@@ -2,6 +2,9 @@
 the step and reset the grads, then ONE capture, then a replay on every call. (The graph itself is
 tested on a GPU in tests/test_train.py::test_cuda_graph_replays_the_same_steps.)"""
 
+import contextlib
+
+import pytest
 import torch
 
 import cuda_graph
@@ -36,3 +39,19 @@ def test_graphed_warms_up_then_captures_once_then_replays(monkeypatch):
     run()
     assert log == ["side", "step", "side", "step", ("capture", "P"), "replay", "replay"]
     assert torch.allclose(w.detach(), torch.full((3,), 0.8))  # only the warm-up steps ran for real
+
+
+def test_failed_capture_raises_capture_error(monkeypatch):
+    """bench.py tells a failed capture (which leaves the CUDA RNG unusable) from other errors by its type;
+    train.py's user sees the same message as before (a RuntimeError)."""
+    @contextlib.contextmanager
+    def failing_graph(graph, pool=None):
+        raise RuntimeError("it->second->use_count > 0 INTERNAL ASSERT FAILED")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    with pytest.raises(cuda_graph.CaptureError, match=r"capturing the training step as a CUDA graph failed \(RuntimeError: "
+                       r"it->second->use_count > 0 INTERNAL ASSERT FAILED\)\. .*Run without --cuda-graph"):
+        cuda_graph.capture(lambda: None)
+    assert issubclass(cuda_graph.CaptureError, RuntimeError)

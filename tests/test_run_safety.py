@@ -112,7 +112,7 @@ def test_checkpoint_temp_file_is_unique_per_process(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- data checked before the first step
 
-def handmade_dataset(corpus, tmp_path, val_bytes):
+def handmade_dataset(tmp_path, val_bytes):
     """A prepared-looking dataset whose val split is given as raw bytes (train is fine)."""
     name = f"files:{tmp_path}/handmade/*.txt"
     d = dataset_dir(name, "bytes", str(tmp_path / "data"))
@@ -133,10 +133,10 @@ def shard_bytes(tmp_path, n):
     ("short", "the val split has 20 tokens"),  # block size 32: one window needs 33
     ("truncated", "truncated"),
 ])
-def test_bad_val_split_stops_before_the_first_step(case, message, corpus, tmp_path):
+def test_bad_val_split_stops_before_the_first_step(case, message, tmp_path):
     val = {"empty": shard_bytes(tmp_path, 0), "short": shard_bytes(tmp_path, 20),
            "truncated": shard_bytes(tmp_path, 500)[:-100]}[case]
-    name = handmade_dataset(corpus, tmp_path, val)
+    name = handmade_dataset(tmp_path, val)
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", name, "--data-root",
                         str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "v",
                         "--max-steps", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300,
