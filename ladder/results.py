@@ -122,14 +122,15 @@ def equal_time_delta(runs, base_runs, key="val_times"):
 
 def mark_same_seed_repeats(runs):
     """Run folders gathered by hand (compare.py) may hold the same config and seed twice without a ladder's
-    repeat_of: the later one (by folder name) is then a repeat of the first, noise rather than another seed."""
+    repeat_of: the later one (by folder name, then path) is then a repeat of the first, noise rather than another
+    seed. Two ladders may hold folders of the same name, so the original is also named by its path."""
     first = {}
-    for r in sorted(runs, key=lambda r: r["name"]):
+    for r in sorted(runs, key=lambda r: (r["name"], r["dir"])):
         if r.get("repeat_of") or r["config"] is None or r["seed"] is None:
             continue
         key = (config_key(r["config"]), r["seed"])
         if key in first:
-            r["repeat_of"] = first[key]["name"]
+            r["repeat_of"], r["repeat_of_dir"] = first[key]["name"], first[key]["dir"]
         else:
             first[key] = r
 
@@ -137,12 +138,12 @@ def mark_same_seed_repeats(runs):
 def repeat_deltas(runs):
     """The --repeat runs against the runs they repeat (same config and seed, another process): the final
     val difference and the largest difference over the val curve at the steps both evaluated."""
-    by_name = {r["name"]: r for r in runs}
+    by_name, by_dir = {r["name"]: r for r in runs}, {r["dir"]: r for r in runs}
     out = []
     for r in runs:
         if not r.get("repeat_of"):
             continue
-        o = by_name.get(r["repeat_of"])
+        o = by_dir.get(r.get("repeat_of_dir")) or by_name.get(r["repeat_of"])
         row = {"name": r["name"], "of": r["repeat_of"], "attn": r["attn"], "seed": r["seed"], "status": r["status"],
                "final_val": r["final_val"], "original_final_val": o["final_val"] if o else None, "diff": None,
                "max_abs_curve_diff": None, "at_step": None}

@@ -280,6 +280,19 @@ def test_same_seed_twice_without_a_ladder_is_a_repeat(tmp_path):
     assert rep["name"] == "sdpa-s1-zagain" and rep["of"] == "sdpa-s1" and rep["diff"] == pytest.approx(0.09)
 
 
+def test_same_run_name_in_two_ladders_is_a_repeat_of_the_other_folder(tmp_path):
+    """Two ladders pooled by compare.py both hold sdpa-s1: the repeat is measured against the other folder's
+    run, not against itself."""
+    for ladder, val in (("a", 2.51), ("b", 2.54)):
+        fake_run(tmp_path / ladder, "sdpa", 1, [3.0, val])
+    fake_run(tmp_path / "a", "ra_same_flop", 1, [3.0, 2.53])
+    res = build_results([load_run(d) for d in discover_runs([tmp_path / "a", tmp_path / "b"])])
+    (rep,) = res["repeats"]
+    assert rep["name"] == rep["of"] == "sdpa-s1"
+    assert rep["final_val"] == pytest.approx(2.54) and rep["original_final_val"] == pytest.approx(2.51)
+    assert rep["diff"] == pytest.approx(0.03)
+
+
 # ----------------------------------------------------------------------------- planning: --repeat, --sweep, --gpus
 
 def test_repeat_and_sweep_planning(tmp_path):
