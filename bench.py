@@ -5,7 +5,8 @@ Speed of every registered attention variant against the sdpa baseline, measured 
     python bench.py --what attn --variants sdpa,ra_same_flop --out runs/bench.json
     python bench.py --what step --compile    # eager and torch.compile rows
     python bench.py --sweep R --sweep heads  # only those sweeps
-    python bench.py --what all --out runs/bench.json   # attn, step and the sweeps R, T, heads
+    python bench.py --what all --out runs/bench.json   # attn, step and the sweeps R, T, heads, exact
+    python bench.py --sweep exact            # exact RA against plain SDPA at T 1024..4096, D 64 and 128
     python bench.py --device cpu --what all  # SMOKE RUN: tiny shapes, wall clock, not results
 
 Sections (each a markdown table on stdout; all rows also in --out JSON):
@@ -17,8 +18,12 @@ Sections (each a markdown table on stdout; all rows also in --out JSON):
   step   the full GPT: forward + backward + grad clip 1.0 + AdamW (fused on CUDA) step, bf16
          autocast, on random token batches; eager, and torch.compile(model) with --compile.
   sweep  R: ra_same_flop and the roadmap's unfused form at ra_R in 4, 8, 12, 16;
-         T: every variant at T, 2T, 4T; heads: head_selective variants with 0/25/50/100% RA heads.
-         Sweeps time the attention module and function (as the attn section does).
+         T: every variant at T, 2T, 4T; heads: head_selective variants with 0/25/50/100% RA heads;
+         exact: at T, 2T, 4T and head dims D, 2D, the functions sdpa (the baseline of that
+         T and D), `exact bound` (SDPA on pre-built q' = [q, k], k' = [a k, b q] of head dim 2D and v:
+         the floor of any exact-RA path handing SDPA folded operands), reciprocal_attention (today's
+         fold) and ctr_attention (the Triton kernel; GPU only).
+         Sweeps time the attention module and function (as the attn section does); exact: functions only.
 
 The arithmetic:
   attention FLOPs, forward   = 4 * B * H * T * T * D / 2 * attn_flop_mult   (QK^T and PV, causal half)
@@ -106,7 +111,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", help="comma list of attn, step, all (default: attn,step; none if --sweep is given)")
-    p.add_argument("--sweep", action="append", default=[], help="R, T or heads (repeat or comma list)")
+    p.add_argument("--sweep", action="append", default=[], help="R, T, heads or exact (repeat or comma list)")
     p.add_argument("--variants", help="comma list of variants (sdpa is always measured as the baseline)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: smoke run with tiny defaults)")
     p.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default bf16 on GPU, fp32 on CPU)")

@@ -173,9 +173,13 @@ class Bench:
 
         self.guarded(rows, run)
 
-    def attn_function(self, section, group, setting, label, owner, where, default_mult, cfg, B, T):
-        rows = self.new_rows(section, group, setting, "function", label, ["fwd", "fwd+bwd"], ra_R=cfg.ra_R, T=T)
+    def attn_function(self, section, group, setting, label, owner, where, default_mult, cfg, B, T, dims=None):
+        """dims: the head dims of the (q, k, v) inputs (default: cfg.head_dim each); the exact-RA bound
+        takes pre-built q', k' of head dim 2D. FLOPs count the head dim D = cfg.head_dim."""
+        rows = self.new_rows(section, group, setting, "function", label, ["fwd", "fwd+bwd"], ra_R=cfg.ra_R, T=T,
+                             D=cfg.head_dim)
         dev, H, D = self.device, cfg.n_head, cfg.head_dim
+        dims = dims or (D, D, D)
 
         def run():
             if label in GPU_ONLY and dev.type != "cuda":
@@ -187,10 +191,10 @@ class Bench:
             except Exception:  # owner not registered (yet)
                 mult = default_mult
             attn = 4 * B * H * T * T * D / 2 * mult
-            t = lambda **kw: randn(B, H, T, D, device=dev, dtype=self.dtype, **kw)
-            inputs = [(tuple(t(requires_grad=True) for _ in "qkv"), t()) for _ in range(self.args.n_inputs)]
-            for r in rows:
-                r["params"]["attn_flop_mult"] = mult
+            t = lambda d, **kw: randn(B, H, T, d, device=dev, dtype=self.dtype, **kw)
+            inputs = [(tuple(t(d, requires_grad=True) for d in dims), t(dims[2])) for _ in range(self.args.n_inputs)]
+            for r in rows:  # head_dims: what was timed, read off the inputs
+                r["params"].update(attn_flop_mult=mult, head_dims=[x.size(-1) for x in inputs[0][0]])
             self.time_passes(rows, lambda q, k, v: fn(q, k, v, ex), inputs, [ex["a"], ex["b"], ex["W"]],
                              attn, 3.5 * attn)
 

@@ -1,11 +1,11 @@
-"""bench.py's sections: the attention rows, the training-step rows, and the sweeps R, T and heads.
+"""bench.py's sections: the attention rows, the training-step rows, and the sweeps R, T, heads and exact.
 Each is section(bench, names, cfg, B, T), adding rows to the Bench."""
 
 import dataclasses
 
 import torch
 
-from .variants import FUNCTIONS, head_selective_names, variant_names
+from .variants import EXACT_FUNCTIONS, FUNCTIONS, head_selective_names, variant_names
 
 
 def section_attn(bench, names, cfg, B, T):
@@ -60,4 +60,16 @@ def sweep_heads(bench, names, cfg, B, T):
                               prepare=ra_heads_setter(mask))
 
 
-SWEEPS = {"R": sweep_R, "T": sweep_T, "heads": sweep_heads}
+def sweep_exact(bench, names, cfg, B, T):
+    """Exact RA against plain causal SDPA at T, 2T, 4T and head dims D, 2D (1024..4096 and 64, 128
+    by default), as bare functions; each (T, D) is its own group, so ratios are to sdpa at that T and D."""
+    for t in (T, 2 * T, 4 * T):
+        for d in (cfg.head_dim, 2 * cfg.head_dim):
+            c = dataclasses.replace(cfg, n_embd=cfg.n_head * d, block_size=t)
+            for label, owner, where, mult in EXACT_FUNCTIONS:
+                dims = (2 * d, 2 * d, d) if label == "exact bound" else None  # pre-built q', k' (2D) and v (D)
+                bench.attn_function("sweep_exact", f"sweep_exact/T={t},D={d}", f"T={t} D={d}", label, owner, where,
+                                    mult, c, B, t, dims)
+
+
+SWEEPS = {"R": sweep_R, "T": sweep_T, "heads": sweep_heads, "exact": sweep_exact}

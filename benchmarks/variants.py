@@ -94,6 +94,21 @@ FUNCTIONS = [
     ("roadmap_unfused", "roadmap_unfused", lambda q, k, v, ex: roadmap_unfused_attention(q, k, v, ex["R"], ex["backend"]), 1.0),
     ("ctr_attention", "ra_ctr", "attention.ctr_kernel:ctr_attention", 1.5),
 ]
+
+# The cost floor of exact RA through SDPA: q' = [q, k] and k' = [a k, b q] (head dim 2D, see
+# functional.ra_operands) handed over pre-built, so only SDPA is timed and the gradients are those of q', k', v.
+# The scale is v's 1/sqrt(D): SDPA's default would take 1/sqrt(2D) from q'.
+
+def exact_ra_bound(qf, kf, v, backend="auto"):
+    return sdpa_causal(qf, kf, v, backend=backend, scale=v.size(-1) ** -0.5)
+
+
+# sweep exact's rows: plain SDPA (the baseline), the bound on (2D, 2D, D) inputs, today's fold, the CTR kernel
+_by_label = {f[0]: f for f in FUNCTIONS}
+EXACT_FUNCTIONS = [_by_label["sdpa"],
+                   ("exact bound", "ra_exact", lambda q, k, v, ex: exact_ra_bound(q, k, v, ex["backend"]), 1.5),
+                   _by_label["reciprocal_attention"], _by_label["ctr_attention"]]
+
 # functions that only run on a CUDA GPU: elsewhere their rows say skipped and why, instead of an error
 GPU_ONLY = {"ctr_attention": "the CTR kernel is a Triton GPU kernel (the ra_ctr module rows time its PyTorch path)"}
 

@@ -21,7 +21,7 @@ def smoke(tmp_path_factory):
 def test_smoke_run_covers_every_variant(smoke):
     meta, rows = smoke["meta"], smoke["rows"]
     assert meta["smoke"] and meta["device"] == "cpu" and meta["torch"] and meta["date"] and "--what" in meta["argv"]
-    assert {r["section"] for r in rows} == {"attn", "step", "sweep_R", "sweep_T", "sweep_heads"}
+    assert {r["section"] for r in rows} == {"attn", "step", "sweep_R", "sweep_T", "sweep_heads", "sweep_exact"}
     for name in attention.names() + ["roadmap_unfused"]:
         for section, kind, passes in [("attn", "module", "fwd"), ("attn", "module", "fwd+bwd"), ("step", "model", "eager")]:
             assert any(r["section"] == section and r["kind"] == kind and r["variant"] == name and r["passes"] == passes
@@ -67,6 +67,45 @@ def test_bad_arguments_fail_before_any_work(capsys):
     assert "unknown variant(s) nope" in err and "roadmap_unfused" in err
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--sweep", "X"])
+
+
+def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
+    """--sweep exact: sdpa, the bound, the fold and CTR at each (T, D), ratios to that T and D's sdpa, exact RA
+    counted as 1.5x sdpa's FLOPs; and the bound, fed folded operands, computes exact RA itself."""
+    import torch
+
+    from attention.functional import ra_operands, reciprocal_attention, reciprocal_attention_matmul
+    from benchmarks.variants import EXACT_FUNCTIONS, load_function
+
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--sweep", "exact", "--B", "1", "--H", "2", "--T", "16", "--D", "8",
+                       "--reps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["section"] for r in rows} == {"sweep_exact"}
+    labels = ["sdpa", "exact bound", "reciprocal_attention", "ctr_attention"]
+    for T in (16, 32, 64):
+        for D in (8, 16):
+            at = {(r["variant"], r["passes"]): r for r in rows if r["params"]["T"] == T and r["params"]["D"] == D}
+            assert sorted(at) == sorted((v, p) for v in labels for p in ("fwd", "fwd+bwd")), (T, D)
+            for (v, p), r in at.items():
+                if v == "ctr_attention":
+                    assert r["status"].startswith("skipped: no CUDA GPU") and r["ratio"] is None, r
+                    continue
+                assert r["status"] == "ok" and r["ratio"] == pytest.approx(r["ms"] / at[("sdpa", p)]["ms"]), r
+                assert r["params"]["head_dims"] == ([2 * D, 2 * D, D] if v == "exact bound" else [D, D, D]), r
+                flops = 4 * 1 * 2 * T * T * D / 2 * (1.0 if v == "sdpa" else 1.5) * (3.5 if p == "fwd+bwd" else 1.0)
+                assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12), r
+    printed = capsys.readouterr().out
+    assert "| function | exact bound | T=64 D=16 | fwd+bwd |" in printed and "x sdpa" in printed
+    assert "| function exact bound |" in printed  # the summary's ratio line
+
+    bound = load_function(next(f[2] for f in EXACT_FUNCTIONS if f[0] == "exact bound"), {})
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 13, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    a, b = torch.tensor([1.0, 0.0, -0.7], dtype=torch.float64), torch.tensor([0.3, 1.2, 0.0], dtype=torch.float64)
+    y = bound(*ra_operands(q, k, a, b), v, dict(backend="auto"))
+    torch.testing.assert_close(y, reciprocal_attention(q, k, v, a, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, reciprocal_attention_matmul(q, k, v, a, b), rtol=1e-10, atol=1e-10)
 
 
 def test_roadmap_unfused_matches_its_formula():
