@@ -75,11 +75,27 @@ def _read_jsonl(path):
     return out
 
 
+def config_defaults():
+    """Every TrainConfig and GPTConfig field with its default. A field added after a run was made is
+    missing from its config.json; a new field defaults to the behaviour before it, so the run had that
+    default, and its config compares equal to a new run's that leaves the field alone."""
+    import dataclasses
+
+    from model import GPTConfig
+    from trainer.config import TrainConfig
+
+    return {f.name: f.default for cls in (TrainConfig, GPTConfig) for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+
+
 def load_run(path):
-    """One run folder -> a dict: config, status, curves, final values, ms/step, sanity checks."""
+    """One run folder -> a dict: config (missing fields at their defaults), status, curves, final values,
+    ms/step, sanity checks."""
     path = Path(path)
     ladder = json.loads((path / "ladder_run.json").read_text()) if (path / "ladder_run.json").exists() else {}
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+    if config is not None:
+        config = {**config_defaults(), **config}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
     records = _read_jsonl(path / "log.jsonl")
     notes = []

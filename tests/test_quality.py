@@ -280,6 +280,18 @@ def test_same_seed_twice_without_a_ladder_is_a_repeat(tmp_path):
     assert rep["name"] == "sdpa-s1-zagain" and rep["of"] == "sdpa-s1" and rep["diff"] == pytest.approx(0.09)
 
 
+def test_a_field_added_later_is_its_default_in_older_run_folders(tmp_path):
+    """A run folder made before a config field existed (no such key in its config.json) is the same variant
+    as a new run that leaves the field at its default: one sdpa with two seeds, not two variants."""
+    old = fake_run(tmp_path, "sdpa", 1, [3.0, 2.50])
+    new = fake_run(tmp_path, "sdpa", 2, [3.0, 2.52])
+    cfg = json.loads((new / "config.json").read_text())
+    (new / "config.json").write_text(json.dumps({**cfg, "ra_quant": "none", "grad_accum": 1}))  # both defaults
+    assert "ra_quant" not in json.loads((old / "config.json").read_text())
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])])
+    assert [(v["label"], v["n_runs"]) for v in res["variants"]] == [("sdpa", 2)]
+
+
 def test_same_run_name_in_two_ladders_is_a_repeat_of_the_other_folder(tmp_path):
     """Two ladders pooled by compare.py both hold sdpa-s1: the repeat is measured against the other folder's
     run, not against itself."""
