@@ -46,6 +46,7 @@ class GPTConfig:
     ra_token_frac: float = 0.2  # target fraction of tokens that use the reciprocal channel
     ra_token_penalty: float = 0.01  # weight of the token-fraction penalty
     ra_quant: str = "none"  # none|int8: precision of the reciprocal channel (int8: fake-quantized, same-FLOP family)
+    ra_swap_norm: str = "layernorm"  # layernorm|none: ra_swap's swapped term, LayerNorm(r) (published) or r itself
 
     @property
     def padded_vocab_size(self):

@@ -4,12 +4,17 @@ exchanged, per head:
 
     y_i   = sum_{j <= i} softmax_j(q_i.k_j / sqrt(D)) v_j                  SDPA(q, k, v)
     r_i   = sum_{j <= i} softmax_j(k_i.q_j / sqrt(D)) v_j                  SDPA(k, q, v)
-    out_i = y_i + tanh(beta) * LayerNorm(r_i)
+    out_i = y_i + tanh(beta) * LayerNorm(r_i)          ra_swap_norm="layernorm" (default)
+    out_i = y_i + tanh(beta) * r_i                     ra_swap_norm="none"
 
 r is causal like y (position i still only sees j <= i); its score k_i.q_j is the
 reciprocal term of exact RA, here normalized by its own softmax instead of added to
-the standard logits. LayerNorm (over each head's D dims, no affine) puts r on a fixed
-scale so that beta alone sets the mix; tanh bounds it to (-1, 1).
+the standard logits. LayerNorm (over each head's D dims, no affine; the published form)
+puts r on unit scale so that beta alone sets the mix; tanh bounds it to (-1, 1).
+Why "none" exists: r, like y, averages the v of every earlier position, so its spread
+over D shrinks with i (GPT-2 124M at init: 0.54 at i = 0, 0.02 at i = 1023). LayerNorm
+divides by that spread: the swapped term enters at up to ~50x y's scale as soon as beta
+leaves 0, and so do its gradients into q, k and v. "none" keeps r on y's scale.
 beta: one learnable scalar per layer, init 0, so the model starts as the baseline
 (beta still gets a gradient at 0: d tanh/d beta = 1). Two SDPA calls: attention
 FLOPs are 2x the baseline's.
@@ -29,12 +34,15 @@ class SwapRA(nn.Module):
     # the contract (attention/__init__.py); beta: (1,), one per layer, unconstrained (tanh bounds the mix)
     ra_family = True
     attn_flop_mult = 2.0  # two full causal attentions
-    options = ("sdpa_backend",)
+    options = ("sdpa_backend", "ra_swap_norm")
     gate_ranges = {"beta": (-math.inf, None)}
     head_selective = False
 
     def __init__(self, cfg):
         super().__init__()
+        if cfg.ra_swap_norm not in ("layernorm", "none"):
+            raise ValueError(f"ra_swap: ra_swap_norm={cfg.ra_swap_norm!r}; use layernorm or none")
+        self.norm = cfg.ra_swap_norm
         self.backend = cfg.sdpa_backend
         self.dropout = cfg.dropout
         add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
@@ -50,7 +58,9 @@ class SwapRA(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         y = sdpa_causal(q, k, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs)
         r = sdpa_causal(k, q, v, backend=self.backend, dropout_p=dropout_p)  # (B, nh, T, hs): k_i . q_j
-        return y + torch.tanh(self.beta) * F.layer_norm(r, r.shape[-1:])
+        if self.norm == "layernorm":
+            r = F.layer_norm(r, r.shape[-1:])
+        return y + torch.tanh(self.beta) * r
 
     def forward(self, x):
         return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))

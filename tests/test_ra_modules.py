@@ -109,6 +109,25 @@ def test_swap_module_matches_reference():
     assert mod.attn_flop_mult == 2.0
 
 
+def test_swap_module_without_norm_matches_reference():
+    """ra_swap_norm=none: out = y + tanh(beta) r, r not rescaled."""
+    x = rand(2, 77, 96, seed=4).requires_grad_()
+    mod = build64("ra_swap", ra_swap_norm="none")
+    with torch.no_grad():
+        mod.beta.fill_(-0.4)
+    params = [x, mod.c_attn.weight, mod.beta]
+    q, k, v = qkv_heads(mod, x)
+    std = ref_softmax_attend(q @ k.transpose(-1, -2) / math.sqrt(32), v)
+    swp = ref_softmax_attend(k @ q.transpose(-1, -2) / math.sqrt(32), v)
+    ref = std + torch.tanh(mod.beta) * swp
+    y = mod.heads(x)
+    torch.testing.assert_close(y, ref, **TOL64)
+    for a, b in zip(grads(y, params), grads(ref, params)):
+        torch.testing.assert_close(a, b, **TOL64)
+    with pytest.raises(ValueError, match="ra_swap_norm='rms'"):
+        build64("ra_swap", ra_swap_norm="rms")
+
+
 # ---------------------------------------------------------------------------
 # ra_headsel: routing
 # ---------------------------------------------------------------------------
