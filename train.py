@@ -28,6 +28,7 @@ import torch
 
 import attention
 from model import GPT
+from trainer import fsdp
 from trainer.common import (gather_objects, init_device, lr_at, mean_over_ranks_, peak_flops, replicas_agree,
                             rng_state, set_rng_state, stop_on_signals)
 from trainer.config import TrainConfig, parse_args, resolve_config  # noqa: F401  (train.X callers)
@@ -87,13 +88,23 @@ def train(tc, mc, notes, given, cleanup):
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = GPT(mc).to(device)
+    if tc.fsdp:  # before the optimizer, which then holds each rank's shards (tc.fsdp: a resume's saved value too)
+        if not ddp:
+            fsdp.init_single_process(device)
+        fsdp.shard(model, dtype)
     optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type,
                                           capturable=tc.cuda_graph)
     step = 0
     train_time = 0.0  # seconds spent in training steps (not eval, not checkpoints), over all resumes
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if tc.fsdp:
+            if "dcp" not in ckpt:
+                raise RunError(f"--resume --fsdp: {ckpt_path} was written without --fsdp (whole state dicts, no "
+                               "DCP shards); resume it without --fsdp")
+            fsdp.load(run_dir, ckpt, model, optimizer)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         # one global loader state (docs/ddp.md): every rank finds its own micro-batches in it
         state, note = global_loader_state(ckpt)
         if note:
@@ -116,7 +127,7 @@ def train(tc, mc, notes, given, cleanup):
         # the attention regularizers too: eagerly they are a few tiny kernels per layer, forward and
         # backward, each a launch the GPU waits for; compiled, one fused kernel each way
         aux_loss = torch.compile(aux_loss)
-    if ddp:
+    if ddp and not tc.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -124,7 +135,8 @@ def train(tc, mc, notes, given, cleanup):
     # tensor per micro-step, as views at different offsets could recompile the compiled model)
     xbs = [torch.empty((tc.batch_size, mc.block_size), dtype=torch.long, device=device) for _ in range(tc.grad_accum)]
     ybs = [torch.empty_like(x) for x in xbs]
-    train_step = TrainStep(model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, tc.grad_clip, ddp)
+    train_step = TrainStep(model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, tc.grad_clip,
+                           ddp and not tc.fsdp)
     # the log interval under way: train_step's loss sums, its time and steps; a checkpoint keeps them, so
     # the line after a resume averages the same steps as an uninterrupted run's
     interval_time, interval_steps = 0.0, 0
@@ -139,7 +151,8 @@ def train(tc, mc, notes, given, cleanup):
     flops_per_step = raw_model.flops_per_token(mc.block_size) * tokens_per_step
     peak = peak_flops(device)
     log(f"model: {raw_model.num_params() / 1e6:.2f}M params, attn={mc.attn}, device={device}, dtype={dtype}, "
-        f"world={world}, tokens/step={tokens_per_step}, compile={tc.compile}, cuda_graph={tc.cuda_graph}")
+        f"world={world}, tokens/step={tokens_per_step}, compile={tc.compile}, cuda_graph={tc.cuda_graph}"
+        + (", fsdp=True" if tc.fsdp else ""))
     run_log = RunLog(tc, mc, run_dir, master, cleanup)
     stop = stop_on_signals(cleanup)  # SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly
 
@@ -158,7 +171,10 @@ def train(tc, mc, notes, given, cleanup):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        raw_model.set_step(step)
+        # a routing refresh reads whole gates: under --fsdp, gathered for it (every rank, the same steps)
+        refresh = tc.fsdp and mc.ra_route_every > 0 and step % mc.ra_route_every == 0
+        with fsdp.gathered(raw_model) if refresh else nullcontext():
+            raw_model.set_step(step)
         run_step()
         loader_state = load_batches(loader, xbs, ybs)
         step += 1
@@ -178,8 +194,11 @@ def train(tc, mc, notes, given, cleanup):
                    "tokens_per_s": tokens_per_step / (ms / 1000), "train_time_s": train_time + interval_time}
             if peak:
                 rec["mfu"] = flops_per_step / (ms / 1000) / (peak * world)
-            rec.update(raw_model.metrics())
-            gates = raw_model.gate_values()  # per head and layer: where reciprocity survives (ladder plots)
+            if device.type == "cuda":
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            with fsdp.gathered(raw_model) if tc.fsdp else nullcontext():  # whole gates, not this rank's shards
+                rec.update(raw_model.metrics())
+                gates = raw_model.gate_values()  # per head and layer: where reciprocity survives (ladder plots)
             if gates:
                 rec["gates"] = gates
             run_log.write(rec)
@@ -205,7 +224,7 @@ def train(tc, mc, notes, given, cleanup):
 
         out_of_time = tc.max_time_min > 0 and train_time + interval_time >= 60 * tc.max_time_min
         if (tc.eval_every and step % tc.eval_every == 0) or is_last or out_of_time:
-            val_loss = evaluate(model, val_loader, tc.eval_batches, device, autocast, ddp)
+            val_loss = evaluate(model, val_loader, tc.eval_batches, device, autocast, ddp, tc.fsdp)
             run_log.write({"step": step, "val_loss": val_loss, "train_time_s": train_time + interval_time})
             log(f"step {step:6d} | val loss {val_loss:.4f}")
         if (tc.ckpt_every and step % tc.ckpt_every == 0) or is_last or stop["signal"] or out_of_time:
@@ -213,14 +232,16 @@ def train(tc, mc, notes, given, cleanup):
             # loss sums averaged over the ranks, so that a resume on any world size continues exactly
             rngs = gather_objects(rng_state(), world)
             mean_over_ranks_([train_step.loss_sum, train_step.aux_sum], world)
-            if master:
-                interval = {"loss": train_step.loss_sum.cpu(), "aux": train_step.aux_sum.cpu(),
-                            "time_s": interval_time, "steps": interval_steps}
+            interval = {"loss": train_step.loss_sum.cpu(), "aux": train_step.aux_sum.cpu(),
+                        "time_s": interval_time, "steps": interval_steps}
+            meta = {"scaler": scaler.state_dict(), "loader": loader_state, "rng": rngs, "step": step,
+                    "model_config": asdict(mc), "train_config": asdict(tc), "train_time_s": train_time,
+                    "interval": interval, "world_size": world}
+            if tc.fsdp:  # every rank writes its shards; ckpt.pt (rank 0) holds meta and names them
+                fsdp.save(run_dir, raw_model, optimizer, meta, master, lambda obj: save_checkpoint(ckpt_path, obj))
+            elif master:
                 save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "scaler": scaler.state_dict(), "loader": loader_state, "rng": rngs,
-                                            "step": step, "model_config": asdict(mc), "train_config": asdict(tc),
-                                            "train_time_s": train_time, "interval": interval,
-                                            "world_size": world})
+                                            **meta})
             last_good_ckpt_step = step
         if stop["signal"]:
             status = f"stopped by signal {stop['signal']}"
@@ -232,14 +253,14 @@ def train(tc, mc, notes, given, cleanup):
             break
 
     # ---- the end
-    if ddp:
+    if ddp and not tc.fsdp:  # under --fsdp each rank holds other shards: there are no replicas to compare
         log(f"ddp: parameters {'identical' if replicas_agree(raw_model, world) else 'DIFFER'} across {world} ranks")
     if master:
         summary = {"status": status, "step": step, "train_time_s": train_time + interval_time,
                    "run_dir": str(run_dir)}
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         run_log.finish()
-    if ddp:
+    if ddp or tc.fsdp:
         import torch.distributed as dist
 
         # all ranks reach the teardown together: a gloo rank that tears down while its peer is still

@@ -61,6 +61,13 @@ class CTRHeadSelRA(CTRReciprocalAttention):
     def head_weights(self):
         return self.a, torch.where(self.rec_on(), self.b, torch.zeros_like(self.b))
 
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            # the L1 term inside the forward, as ra_headsel's: under --fsdp (FSDP2) the parameters are whole only
+            # during the forward (outside it they are shards), and aux_loss then hands the term over
+            self._aux = self.l1 * self.w_rec.mean()
+        return super().forward(x)
+
     @torch.no_grad()
     def set_heads_mask(self, mask):
         """Make exactly the heads in mask ((nh,) bool, True = RA head) RA heads: b = threshold + 0.2 on

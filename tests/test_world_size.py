@@ -64,6 +64,13 @@ def assert_same(a, b, steps):
         assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-5), (s, a[s], b[s])
 
 
+def assert_same_run(out, name, ref_loss, ref_val):
+    """The run out/name logged the reference's train losses and val losses."""
+    loss, val = losses(out, name)
+    assert_same(loss, ref_loss, LOGGED)
+    assert_same(val, ref_val, [10, 20])
+
+
 # ----------------------------------------------------------------------------- loader (no processes)
 
 def test_rank_reads_its_slice_of_the_single_process_micro_batches(data_dir):
@@ -116,9 +123,7 @@ def test_two_processes_log_what_one_process_with_twice_the_accumulation_logs(cor
     out, (ref_loss, ref_val) = single
     p = train(["--run-name", "two", "--grad-accum", "1", "--max-steps", "20"], corpus, out, nproc=2)
     assert "world=2" in p.stdout and "ddp: parameters identical across 2 ranks" in p.stdout
-    loss, val = losses(out, "two")
-    assert_same(loss, ref_loss, LOGGED)
-    assert_same(val, ref_val, [10, 20])
+    assert_same_run(out, "two", ref_loss, ref_val)
 
 
 @pytest.mark.slow
@@ -134,6 +139,4 @@ def test_resume_two_processes_on_one(corpus, single):
         assert p.returncode != 0 and "pass --grad-accum 2" in p.stderr, p.stderr
         assert "| loss" not in p.stdout  # no training step ran
     train(["--run-name", "cut", "--resume", "--max-steps", "20", "--grad-accum", "2"], corpus, out)
-    loss, val = losses(out, "cut")
-    assert_same(loss, ref_loss, LOGGED)
-    assert_same(val, ref_val, [10, 20])
+    assert_same_run(out, "cut", ref_loss, ref_val)

@@ -27,7 +27,8 @@ from trainer.config import ROOT, TrainConfig, check_config, flag
 RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "summary.json")
 # flags whose saved value a resume keeps: they define the model, the data stream or the batches it draws
 # (--grad-accum may change with the number of processes, as long as the global batch stays: check_world)
-FIXED_ON_RESUME = ("preset", "dataset", "tokenizer", "seed", "batch_size") + tuple(
+# --fsdp too: its checkpoint is another format (DCP shards) than ckpt.pt's whole state dicts
+FIXED_ON_RESUME = ("preset", "dataset", "tokenizer", "seed", "batch_size", "fsdp") + tuple(
     f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "sdpa_backend"))
 
 

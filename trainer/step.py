@@ -49,7 +49,8 @@ class TrainStep:
             self.aux_sum.add_(aux.detach() / grad_accum)
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.grad_clip)
+            self.grad_norm.copy_(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # --fsdp: a DTensor
         mark(marks)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -93,23 +94,33 @@ def load_batches(loader, xbs, ybs):
 
 
 @torch.no_grad()
-def evaluate(model, val_loader, n_batches, device, autocast, ddp=False):
+def evaluate(model, val_loader, n_batches, device, autocast, ddp=False, fsdp=False):
     """Mean val loss over the val loader's fixed windows: n_batches batches of B over all ranks, the same
     windows in the same batches at any world size (rank r evaluates one process's batches r, r+N, ...). The
     mean of the batches' mean losses, as one process computes it (a partial last batch counts as one batch,
     as it always did), so N ranks give one process's value up to float rounding. The model back in train
-    mode."""
+    mode. fsdp: the model is FSDP2-sharded (ddp then means several processes)."""
     # the module inside DDP: a DDP forward may broadcast buffers, a collective that a rank with fewer (or no)
     # val batches would never join
-    inner = model.module if ddp else model
+    inner = model.module if (ddp and not fsdp) else model
     inner.eval()
     total, n = torch.zeros((), device=device), 0
-    for x, y in val_loader.val_batches(n_batches, global_batches=True):
+    batches = val_loader.val_batches(n_batches, global_batches=True)
+    if fsdp and ddp:
+        batches = list(batches)
+        spare = padding_forwards(len(batches), device)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast:
             _, loss = inner(x, y, return_logits=False)
         total += loss.float()
         n += 1
+    if fsdp and ddp:
+        # under FSDP every forward gathers the parameters, a collective that all ranks must join: a rank with
+        # fewer val batches runs uncounted forwards on one window of zeros until it has run as many
+        for _ in range(spare):
+            with autocast:
+                inner(torch.zeros((1, val_loader.T), dtype=torch.long, device=device), return_logits=False)
     stats = torch.tensor([total.item(), float(n)], device=device)
     if ddp:
         import torch.distributed as dist
@@ -117,3 +128,12 @@ def evaluate(model, val_loader, n_batches, device, autocast, ddp=False):
         dist.all_reduce(stats)
     inner.train()
     return (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
+
+
+def padding_forwards(n_mine, device):
+    """How many more forwards this rank must run to match the rank with the most val batches."""
+    import torch.distributed as dist
+
+    most = torch.tensor([n_mine], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - n_mine
