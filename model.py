@@ -38,7 +38,7 @@ class GPTConfig:
     # head gates survive a short rung unless the task moves them (docs/fair-starts.md says why;
     # the roadmap's starting values were w_std 0.5, l1 1e-2, threshold 0.1, token penalty 1.0)
     ra_w_std_init: float = 1.0  # initial per-head weight of the standard term (1: sdpa's strength)
-    ra_w_rec_init: float = 0.3  # initial per-head weight of the reciprocal term (same-FLOP) / |b| (ra_ctr_headsel)
+    ra_w_rec_init: float = 0.3  # initial reciprocal weight per head: w_rec (same-FLOP, ra_exact_headsel), |b| (ctr)
     ra_b_init: float = 0.0  # initial b of exact RA (ra_exact, ra_ctr): 0 is sdpa, and b still gets a gradient
     ra_l1: float = 1e-5  # L1 weight on mean(w_rec) (head-selective variants)
     ra_threshold: float = 1e-3  # heads with w_rec below this become plain heads

@@ -56,6 +56,7 @@ REGISTRY = {
     "ra_swap": "ra_swap:SwapRA",
     "ra_ctr": "ra_ctr:CTRReciprocalAttention",
     "ra_ctr_headsel": "ra_ctr_headsel:CTRHeadSelRA",
+    "ra_exact_headsel": "ra_exact_headsel:ExactHeadSelRA",
 }
 
 

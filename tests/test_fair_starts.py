@@ -7,12 +7,12 @@ init of every variant:
   attn_rel    ||attn_v(x) - attn_sdpa(x)|| / ||attn_sdpa(x)|| for block 0's attention on one x
   logits_rel  ||logits_v - logits_sdpa|| / ||logits_sdpa - mean|| of the whole (2-layer) model on one
               input (the mean over the vocabulary taken out: softmax does not see it)
-Exact-RA variants (b = 0) and ra_swap (beta = 0) compute sdpa's function exactly, so they must match
-to float tolerance. The same-FLOP family (ra_same_flop, ra_headsel, ra_tokensel) cannot: its R
-reciprocal dims replace R of each head's D standard dims; ra_ctr_headsel cannot either: its routing
-gate is |b| itself, which must start above the threshold. Those get the bounds below, about twice
-the measured distance (the measured numbers are in docs/fair-starts.md;
-`python tests/test_fair_starts.py` prints them).
+Exact-RA variants (b = 0; ra_exact_headsel's gate multiplies b) and ra_swap (beta = 0) compute
+sdpa's function exactly, so they must match to float tolerance. The same-FLOP family (ra_same_flop,
+ra_headsel, ra_tokensel) cannot: its R reciprocal dims replace R of each head's D standard dims;
+ra_ctr_headsel cannot either: its routing gate is |b| itself, which must start above the threshold.
+Those get the bounds below, about twice the measured distance (the measured numbers are in
+docs/fair-starts.md; `python tests/test_fair_starts.py` prints them).
 """
 
 import math
@@ -24,7 +24,7 @@ import attention
 from model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=2, n_head=12, n_embd=768, block_size=128, vocab_size=64)
-EXACT = ("ra_exact", "ra_ctr", "ra_swap")  # sdpa's function at init, up to float rounding
+EXACT = ("ra_exact", "ra_ctr", "ra_swap", "ra_exact_headsel")  # sdpa's function at init, up to float rounding
 EXACT_TOL = 1e-5
 # upper bounds on attn_rel at the default init, about 2x the measured values (docs/fair-starts.md)
 BOUNDS = {"ra_same_flop": 0.2, "ra_headsel": 0.2, "ra_tokensel": 0.2, "ra_ctr_headsel": 0.15}
@@ -60,6 +60,10 @@ def _runs(name):
         pytest.skip(f"{name} needs triton: {e}")
 
 
+def test_every_reciprocal_variant_has_a_fair_start_check():
+    assert set(attention.ra_names()) <= set(EXACT) | set(BOUNDS), set(attention.ra_names()) - set(EXACT) - set(BOUNDS)
+
+
 @pytest.mark.parametrize("name", EXACT)
 def test_exact_variants_start_at_sdpa(name):
     _runs(name)
@@ -82,17 +86,20 @@ def test_same_flop_full_strength_standard_term_is_closest():
 
 
 @pytest.mark.parametrize("name", ["ra_same_flop", "ra_headsel", "ra_tokensel", "ra_exact", "ra_swap", "ra_ctr",
-                                  "ra_ctr_headsel"])
+                                  "ra_ctr_headsel", "ra_exact_headsel"])
 def test_reciprocal_path_trains_from_its_start(name):
     # a fair start must not be a dead one: at the default init the reciprocal parameters get a gradient
-    # (b = 0 and beta = 0 are not stationary: the score is linear in b, the mix is tanh(beta))
+    # (b = 0 and beta = 0 are not stationary: the score is linear in b, the mix is tanh(beta)).
+    # ra_exact_headsel's gate s_rec multiplies b = 0, so its task gradient is 0 until b has moved
+    # (tests/test_ra_exact_headsel.py checks that it then gets one); b carries the start
     _runs(name)
     model = build(name, n_layer=1).train()
     idx = torch.randint(0, SHAPE["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(3))
     _, loss = model(idx, idx)
     loss.backward()
     attn = model.transformer.h[0].attn
-    params = [p for p in ("s_rec", "W", "b", "beta") if hasattr(attn, p)]
+    params = [p for p in ("s_rec", "W", "b", "beta") if hasattr(attn, p)
+              and not (name == "ra_exact_headsel" and p == "s_rec")]
     assert params, f"{name}: none of s_rec, W, b, beta: name its reciprocal parameters here"
     for p in params:
         assert getattr(attn, p).grad is not None and getattr(attn, p).grad.abs().sum() > 0, (name, p)
@@ -111,16 +118,16 @@ def test_headsel_defaults_keep_heads_through_a_short_rung():
     cfg = GPTConfig()
     travel = short_rung_lr_integral()
     assert travel == pytest.approx(0.46, abs=0.01)
-    # ra_headsel routes on w_rec = s_rec^2; AdamW moves s_rec. Even a gradient that points down at every
-    # step (an L1 that outweighs the task's gradient, as measured) cannot switch a head off in the rung
+    # ra_headsel and ra_exact_headsel route on w_rec = s_rec^2; AdamW moves s_rec. Even a gradient that points
+    # down at every step (an L1 that outweighs the task's gradient, as measured) cannot switch a head off in the rung
     s0, s_th = math.sqrt(cfg.ra_w_rec_init), math.sqrt(cfg.ra_threshold)
     assert s0 - s_th > travel, (s0, s_th, travel)
     # the roadmap's values could: 0.548 - 0.316 = 0.23, about half of the rung's travel
     assert math.sqrt(0.3) - math.sqrt(0.1) < 0.6 * travel
     # ra_ctr_headsel routes on |b| and moves b itself: the task must push it down for most of the rung
     assert travel / 2 < cfg.ra_w_rec_init - cfg.ra_threshold < travel
-    # at init every head of both is an RA head
-    for name in ("ra_headsel", "ra_ctr_headsel"):
+    # at init every head of each is an RA head
+    for name in ("ra_headsel", "ra_ctr_headsel", "ra_exact_headsel"):
         _runs(name)
         for block in build(name).transformer.h:
             assert bool(block.attn.rec_on().all()), name
