@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The checks that need CUDA GPUs, in one command (CI has no GPU): the test suite on the GPU (its CUDA
+# tests run instead of skipping), the CTR kernel against cuDNN, a compiled CUDA-graphed training step per
+# variant family, and with 2+ GPUs a DDP and an FSDP2 run under torchrun. Correctness only: the timings
+# these print are not results (bench.py and docs/bench.md are).
+#
+#   bash tools/gpu_check.sh            # ~5 min on an H200; prints a PASS/FAIL line per check, last
+#   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
+# Logs go to $LOGS (default runs/gpu-check/).
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast off (README)
+export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
+LOGS=${LOGS:-runs/gpu-check}
+mkdir -p "$LOGS"
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -lt 1 ]; then
+    echo "gpu_check: no CUDA GPU visible (torch.cuda.device_count() == 0); run it on a GPU machine"; exit 2
+fi
+results=()
+check() {  # name, command...: run it, log to $LOGS/name.log, remember PASS/FAIL
+    local name=$1; shift
+    echo "== $name: $*"
+    if "$@" > "$LOGS/$name.log" 2>&1; then results+=("PASS $name"); else results+=("FAIL $name (see $LOGS/$name.log)"); fi
+    tail -n 3 "$LOGS/$name.log"
+}
+TINY="--preset tiny --dataset synthetic-recall --max-steps 40 --eval-every 20 --out-dir $LOGS/runs --overwrite"
+
+pytest_args=(-q tests)
+[ -n "${QUICK:-}" ] && pytest_args+=(-m "not slow")
+check pytest python -m pytest "${pytest_args[@]}"
+check ctr_kernel python tests/gpu_check_ctr.py --quick
+check step_graph python bench.py --what step --compile --cuda-graph --no-eager --step-reps 5 \
+    --variants ra_same_flop,ra_headsel,ra_exact,ra_ctr_headsel,ra_exact_headsel
+check train_graph python train.py $TINY --attn ra_headsel --compile --cuda-graph --run-name graph
+if [ "$NGPU" -ge 2 ]; then
+    check ddp torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --compile --run-name ddp
+    check fsdp torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --fsdp --run-name fsdp
+else
+    results+=("SKIP ddp, fsdp (one GPU)")
+fi
+printf '%s\n' "${results[@]}"
+! printf '%s\n' "${results[@]}" | grep -q '^FAIL'
