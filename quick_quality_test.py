@@ -30,7 +30,8 @@ Noise: every verdict carries its MDE (the half-width of the paired 95% CI: the s
 run resolves) and seed count; a CI that contains 0 is "undecided", with the number of seeds that would
 decide it at the observed spread. --repeat runs the baseline's first seed once more in its own folder
 and process (<baseline>-s<seed>-repeat): the report states that same-seed difference, the GPU's own
-non-determinism. To decide an undecided comparison, re-run with more --seeds and the same --out-dir:
+non-determinism. The paired spread pooled over the undecided variants gives the MDE 3, 5 and 8 seeds
+would reach. To decide an undecided comparison, re-run with more --seeds and the same --out-dir:
 finished runs are reused.
 
 Seeds: seed index i runs train.py --seed (--seed0 + i) for every variant: the same batches in the same

@@ -95,6 +95,11 @@ def resolution_lines(results):
                f"±{res['mde_min']:.4f} to ±{res['mde_max']:.4f}")
         out.append(f"final val loss vs the baseline: MDE {mde} nats ({seeds} seeds): smaller differences are not "
                    f"resolved by this ladder")
+        if res.get("pooled_sd") is not None:
+            at = ", ".join(f"±{m:.4f} at {n}" for n, m in res["pooled_mde"].items())
+            out.append(f"paired spread pooled over the undecided variants ({', '.join(res['pooled_over'])}): sd "
+                       f"{res['pooled_sd']:.4f} nats ({res['pooled_dof']} degrees of freedom); at that spread a "
+                       f"paired 95% CI is {at} seeds")
     else:
         out.append("no paired comparison with >= 2 seeds: no MDE (run --seeds 3 or more)")
     for r in results.get("repeats", []):

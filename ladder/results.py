@@ -28,12 +28,13 @@ All on validation loss, nats/token; lower is better:
                 the table's ratio is of those means
 """
 
+import math
 import statistics
 
 from ladder import variants as attn_info
 from ladder.plots import TIME_KEYS  # the run fields of each time axis
 from ladder.runs import STALL, config_key, group_runs, run_passes, unlike_fields
-from ladder.stats import interp, mean_std, paired_delta
+from ladder.stats import CONFIDENCE, interp, mean_std, paired_delta, t_quantile
 from ladder.verdicts import verdicts
 
 MARGIN = 0.02  # nats: "keeps the val loss" = the 95% CI of the loss difference lies below +MARGIN
@@ -164,7 +165,23 @@ def resolution(variants):
     if not ds:
         return None
     return {"mde_min": min(d["half_width"] for d in ds), "mde_max": max(d["half_width"] for d in ds),
-            "n_min": min(d["n"] for d in ds), "n_max": max(d["n"] for d in ds)}
+            "n_min": min(d["n"] for d in ds), "n_max": max(d["n"] for d in ds), **pooled_spread(variants)}
+
+
+def pooled_spread(variants, seed_counts=(3, 5, 8)):
+    """The spread of the paired differences (variant - baseline, by seed) pooled over the undecided variants:
+    each variant's deviations from its own mean difference, sd = sqrt(sum of squares / sum of (n - 1)). One
+    variant's 2-3 seeds say little about the spread; several variants near the baseline say more, and give
+    the MDE a ladder of n seeds would reach (t quantile at the n - 1 of that ladder). Variants that differ
+    clearly (a CI excluding 0) are left out: their spread is their own, not the rung's noise."""
+    over = [v for v in variants if v.get("vs_baseline") and v["vs_baseline"]["verdict"] == "undecided"]
+    ss = sum(sum((d - v["vs_baseline"]["mean"]) ** 2 for d in v["vs_baseline"]["diffs"]) for v in over)
+    dof = sum(v["vs_baseline"]["n"] - 1 for v in over)
+    if dof < 2:
+        return {}
+    sd = math.sqrt(ss / dof)
+    return {"pooled_sd": sd, "pooled_dof": dof, "pooled_over": [v["label"] for v in over],
+            "pooled_mde": {n: t_quantile((1 + CONFIDENCE) / 2, n - 1) * sd / math.sqrt(n) for n in seed_counts}}
 
 
 def _mean_gates(runs):

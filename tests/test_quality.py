@@ -280,6 +280,27 @@ def test_same_seed_twice_without_a_ladder_is_a_repeat(tmp_path):
     assert rep["name"] == "sdpa-s1-zagain" and rep["of"] == "sdpa-s1" and rep["diff"] == pytest.approx(0.09)
 
 
+def test_pooled_paired_spread_over_the_undecided_variants(tmp_path):
+    """The paired differences' spread pooled over variants whose CI contains 0 (a clearly worse one left
+    out), and the MDE that 3, 5 and 8 seeds would reach at it."""
+    base = {1: 2.50, 2: 2.60, 3: 2.55}
+    for seed, v in base.items():
+        fake_run(tmp_path, "sdpa", seed, [3.0, v])
+    for seed, d in zip((1, 2, 3), (0.01, -0.01, 0.0)):  # mean 0, sum of squares 2e-4, 2 dof
+        fake_run(tmp_path, "ra_same_flop", seed, [3.0, base[seed] + d])
+    for seed, d in zip((1, 2), (0.02, 0.0)):  # mean 0.01, sum of squares 2e-4, 1 dof
+        fake_run(tmp_path, "ra_headsel", seed, [3.0, base[seed] + d])
+    for seed, d in zip((1, 2, 3), (1.0, 1.01, 0.99)):  # worse: not the rung's noise
+        fake_run(tmp_path, "ra_exact", seed, [3.0, base[seed] + d])
+    res = build_results([load_run(d) for d in discover_runs([tmp_path])])
+    r = res["resolution"]
+    assert sorted(r["pooled_over"]) == ["ra_headsel", "ra_same_flop"] and r["pooled_dof"] == 3
+    sd = math.sqrt(4e-4 / 3)
+    assert r["pooled_sd"] == pytest.approx(sd)
+    assert r["pooled_mde"][5] == pytest.approx(stats.t.ppf(0.975, 4) * sd / math.sqrt(5))
+    assert "sd 0.0115 nats (3 degrees of freedom)" in render_tables(res)
+
+
 def test_a_field_added_later_is_its_default_in_older_run_folders(tmp_path):
     """A run folder made before a config field existed (no such key in its config.json) is the same variant
     as a new run that leaves the field at its default: one sdpa with two seeds, not two variants."""
