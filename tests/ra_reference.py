@@ -90,6 +90,13 @@ def grads(out, tensors, seed=1):
     return torch.autograd.grad(out, tensors, g, allow_unused=True, retain_graph=True)
 
 
+def assert_close_with_grads(out, ref, tensors):
+    """out equals ref in float64, and so do their gradients with respect to tensors (one random cotangent)."""
+    torch.testing.assert_close(out, ref, **TOL64)
+    for g, g_ref in zip(grads(out, tensors), grads(ref, tensors)):
+        torch.testing.assert_close(g, g_ref, **TOL64)
+
+
 def rand(*shape, seed=0):
     torch.manual_seed(seed)
     return torch.randn(*shape, dtype=torch.float64)

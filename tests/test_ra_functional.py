@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from attention import fold
 from attention import functional as AF
-from ra_reference import TOL64, grads, rand, ref_exact, ref_same_flop
+from ra_reference import TOL64, assert_close_with_grads, rand, ref_exact, ref_same_flop
 
 
 @pytest.mark.parametrize("D", [32, 64])
@@ -22,10 +22,7 @@ def test_reciprocal_attention_matches_reference(D):
     inputs = (q, k, v, a, b)
     ref = ref_exact(*inputs)
     for fn in (AF.reciprocal_attention, AF.reciprocal_attention_matmul, AF.reciprocal_attention_padded_v):
-        out = fn(*inputs)
-        torch.testing.assert_close(out, ref, **TOL64)
-        for g, g_ref in zip(grads(out, inputs), grads(ref, inputs)):
-            torch.testing.assert_close(g, g_ref, **TOL64)
+        assert_close_with_grads(fn(*inputs), ref, inputs)
     # float32 against the float64 reference
     out32 = AF.reciprocal_attention(*(t.detach().float() for t in inputs))
     torch.testing.assert_close(out32.double(), ref.detach(), rtol=1e-4, atol=1e-5)
@@ -49,11 +46,7 @@ def test_ra_same_flop_functional_matches_reference():
     w_std = (torch.rand(H, dtype=torch.float64) + 0.2).requires_grad_()
     w_rec = (torch.rand(H, dtype=torch.float64) + 0.2).requires_grad_()
     inputs = (q, k, v, W, w_std, w_rec)
-    out = AF.ra_same_flop(*inputs)
-    ref = ref_same_flop(*inputs)
-    torch.testing.assert_close(out, ref, **TOL64)
-    for g, g_ref in zip(grads(out, inputs), grads(ref, inputs)):
-        torch.testing.assert_close(g, g_ref, **TOL64)
+    assert_close_with_grads(AF.ra_same_flop(*inputs), ref_same_flop(*inputs), inputs)
 
 
 def test_fold_equals_activation_formula():

@@ -8,7 +8,8 @@ import torch
 
 import attention
 from model import GPT, GPTConfig
-from ra_reference import TOL64, build64, cfg_for, grads, qkv_heads, rand, ref_exact, ref_same_flop, ref_softmax_attend
+from ra_reference import (TOL64, assert_close_with_grads, build64, cfg_for, grads, qkv_heads, rand, ref_exact,
+                          ref_same_flop, ref_softmax_attend)
 
 
 def test_same_flop_module_matches_reference_and_fused_equals_unfused():
@@ -82,9 +83,7 @@ def test_exact_module_matches_reference():
     y = mod.heads(x)
     q, k, v = qkv_heads(mod, x)
     ref = ref_exact(q, k, v, mod.a, mod.b)
-    torch.testing.assert_close(y, ref, **TOL64)
-    for a, b in zip(grads(y, params), grads(ref, params)):
-        torch.testing.assert_close(a, b, **TOL64)
+    assert_close_with_grads(y, ref, params)
     assert mod.attn_flop_mult == 1.5
 
 
@@ -103,9 +102,7 @@ def test_swap_module_matches_reference():
     mu, var = swp.mean(-1, keepdim=True), swp.var(-1, unbiased=False, keepdim=True)
     ref = std + math.tanh(0.7) * (swp - mu) / torch.sqrt(var + 1e-5)
     ref = std + torch.tanh(mod.beta) * (ref - std) / math.tanh(0.7)  # same value, with beta in the graph
-    torch.testing.assert_close(y, ref, **TOL64)
-    for a, b in zip(grads(y, params), grads(ref, params)):
-        torch.testing.assert_close(a, b, **TOL64)
+    assert_close_with_grads(y, ref, params)
     assert mod.attn_flop_mult == 2.0
 
 
@@ -121,9 +118,7 @@ def test_swap_module_without_norm_matches_reference():
     swp = ref_softmax_attend(k @ q.transpose(-1, -2) / math.sqrt(32), v)
     ref = std + torch.tanh(mod.beta) * swp
     y = mod.heads(x)
-    torch.testing.assert_close(y, ref, **TOL64)
-    for a, b in zip(grads(y, params), grads(ref, params)):
-        torch.testing.assert_close(a, b, **TOL64)
+    assert_close_with_grads(y, ref, params)
     with pytest.raises(ValueError, match="ra_swap_norm='rms'"):
         build64("ra_swap", ra_swap_norm="rms")
 
