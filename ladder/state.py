@@ -73,10 +73,15 @@ def check_state(out_dir, state, write=True):
                              f"tokens {o.get('tokens')}, sha256 {str(o.get('sha256'))[:12]}; now {n['name']}: tokens "
                              f"{n['tokens']}, sha256 {n['sha256'][:12]}). Its runs do not compare with new ones: use "
                              f"another --out-dir, or restore that corpus")
-        differ = sorted(k for k in set(old.get("flags", {})) | set(state["flags"])
-                        if old.get("flags", {}).get(k) != state["flags"].get(k))
+        # a flag added to the code after this folder was started is missing from its state: it had the
+        # flag's default then (a new field defaults to the old behaviour), as load_run assumes for configs
+        from ladder.runs import config_defaults
+        defaults = config_defaults()
+        old_flags = {k: v for k, v in defaults.items() if k in state["flags"]} | old.get("flags", {})
+        differ = sorted(k for k in set(old_flags) | set(state["flags"])
+                        if old_flags.get(k) != state["flags"].get(k))
         if differ:
-            diffs = ", ".join(f"{k}: {old['flags'].get(k)!r} then, {state['flags'].get(k)!r} now" for k in differ[:5])
+            diffs = ", ".join(f"{k}: {old_flags.get(k)!r} then, {state['flags'].get(k)!r} now" for k in differ[:5])
             raise SystemExit(f"error: {out_dir} holds a ladder with other training flags ({diffs}). Use another "
                              f"--out-dir for these flags, or give the same flags to continue that ladder")
         return

@@ -238,6 +238,8 @@ def run_pool(jobs, gpus, job_dir, verbose=False, drop_ckpt=False, launch_worker=
             proc = launch_worker(job_file, gpu)
             with lock:
                 procs[gpu] = proc
+            if interrupt.is_set():  # launched while the pool was stopping
+                proc.send_signal(signal.SIGINT)
             for line in proc.stdout:
                 print(f"[gpu {gpu}] {line.rstrip()}", flush=True)
             rc = proc.wait()
@@ -250,25 +252,32 @@ def run_pool(jobs, gpus, job_dir, verbose=False, drop_ckpt=False, launch_worker=
             if rc == 130:  # the worker was interrupted: its run checkpointed, stop handing out jobs
                 stop.set()
 
+    # Ctrl-C (or `timeout -s INT`, which signals the ladder and then its whole process group, so the ladder
+    # gets two) only sets a flag: a KeyboardInterrupt raised inside the shutdown would leave the workers
+    # running unwatched. The workers get the signal from the terminal too; passed on once in case not.
+    interrupt = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupt.set()) if in_main else None
     threads = [threading.Thread(target=serve, args=(g,), daemon=True) for g in gpus]
-    for t in threads:
-        t.start()
-    interrupted = False
     try:
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.5)
-    except KeyboardInterrupt:
-        # a terminal's Ctrl-C reaches the workers too (one process group); pass it on in case it did not
-        interrupted = True
-        stop.set()
-        with lock:
-            live = list(procs.values())
-        for p in live:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGINT)
         for t in threads:
-            t.join()
+            t.start()
+        while any(t.is_alive() for t in threads) and not interrupt.is_set():
+            for t in threads:
+                t.join(0.2)
+        if interrupt.is_set():
+            stop.set()
+            with lock:
+                live = list(procs.values())
+            for p in live:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+            for t in threads:
+                t.join()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, old_handler)
+    interrupted = interrupt.is_set()
     return records, interrupted or stop.is_set()
 
 
