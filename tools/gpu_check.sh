@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu_check.sh            # ~5 min on an H200; prints a PASS/FAIL line per check, last
 #   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
-# Logs go to $LOGS (default runs/gpu-check/).
+# Logs go to $LOGS (default runs/gpu-check/), the suite's per test file in $LOGS/pytest/.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast off (README)
 export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
@@ -25,9 +25,23 @@ check() {  # name, command...: run it, log to $LOGS/name.log, remember PASS/FAIL
 }
 TINY="--preset tiny --dataset synthetic-recall --max-steps 40 --eval-every 20 --out-dir $LOGS/runs --overwrite"
 
-pytest_args=(-q tests)
-[ -n "${QUICK:-}" ] && pytest_args+=(-m "not slow")
-check pytest python -m pytest "${pytest_args[@]}"
+# the suite one test file per process, $JOBS at once (a GPU machine has the cores; the suite in one process
+# takes ~10 min there), each with its own temp folder (pytest prunes other processes' numbered ones)
+pytest_files() {
+    local marker=() rc=0
+    [ -n "${QUICK:-}" ] && marker=(-m "not slow")
+    mkdir -p "$LOGS/pytest"
+    ls tests/test_*.py | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
+        -p no:cacheprovider --basetemp="$0/tmp-$n" "$@" {} > "$0/$n.log" 2>&1; echo "$? {}"' \
+        "$LOGS/pytest" "${marker[@]}" > "$LOGS/pytest/rc.txt"
+    sort -k2 "$LOGS/pytest/rc.txt"
+    tail -qn 1 "$LOGS"/pytest/test_*.log
+    # exit 5: every test of the file deselected (QUICK)
+    awk '$1 != 0 && $1 != 5 {bad = 1} END {exit bad}' "$LOGS/pytest/rc.txt" || rc=1
+    grep -h "^FAILED\|^ERROR" "$LOGS"/pytest/test_*.log
+    return $rc
+}
+check pytest pytest_files
 check ctr_kernel python tests/gpu_check_ctr.py --quick
 check step_graph python bench.py --what step --compile --cuda-graph --no-eager --step-reps 5 \
     --variants ra_same_flop,ra_headsel,ra_exact,ra_ctr_headsel,ra_exact_headsel

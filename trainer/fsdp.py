@@ -30,13 +30,17 @@ def shard(model, dtype):
     """fully_shard every Block, then the root; in place (the model's class becomes its FSDP subclass, so
     num_params, flops_per_token and the other methods stay). Before the optimizer is built: it must hold the
     sharded parameters. dtype: the run's resolved --dtype."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16"
           else MixedPrecisionPolicy())
+    # the mesh on the model's device: fully_shard's default mesh takes the machine's accelerator, so a CPU
+    # (gloo) run on a machine with a GPU would move the shards to the GPU
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     for block in model.transformer.h:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
