@@ -10,8 +10,9 @@ i's key: a pair scores high when either side looks for the other.
 Computed by functional.reciprocal_attention: one SDPA call over q' = [q, k],
 k' = [a k, b q] (head dim 2D, V keeps D), so the QK product is twice as wide:
 attention FLOPs are 1.5x the baseline's (attn_flop_mult). PyTorch's own backend
-choice takes Dqk != Dv; a forced flash or cuDNN backend (sdpa_backend) gets V padded
-to 2D instead (reciprocal_attention_padded_v: 2x FLOPs, still one fused kernel).
+choice, and cuDNN (sdpa_backend cudnn), take Dqk != Dv; a forced flash backend, which
+needs equal head dims, gets V padded to 2D instead (reciprocal_attention_padded_v: 2x
+FLOPs, still one fused kernel).
 
 a, b: learnable per head, unconstrained (a negative b, "anti-reciprocal", is allowed:
 the folded product needs no square root). Init a = ra_w_std_init (default 1), b = ra_b_init
@@ -69,8 +70,8 @@ class ExactRA(nn.Module):
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
-        # flash (and cuDNN) need equal qk/v head dims: pad V rather than leave the fused kernel
-        ra = reciprocal_attention_padded_v if self.backend in ("flash", "cudnn") else reciprocal_attention
+        # flash needs equal qk/v head dims (cuDNN does not): pad V rather than leave the fused kernel
+        ra = reciprocal_attention_padded_v if self.backend == "flash" else reciprocal_attention
         with backend_context(self.backend):
             return ra(q, k, v, self.a, self.b)  # scale 1/sqrt(hs)
 

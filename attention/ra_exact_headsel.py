@@ -129,8 +129,8 @@ class ExactHeadSelRA(ExactRA):
         return route & keep
 
     def exact(self, q, k, v, a, b):
-        # flash (and cuDNN) need equal qk/v head dims: pad V rather than leave the fused kernel (as ra_exact)
-        ra = reciprocal_attention_padded_v if self.backend in ("flash", "cudnn") else reciprocal_attention
+        # flash needs equal qk/v head dims: pad V rather than leave the fused kernel (as ra_exact)
+        ra = reciprocal_attention_padded_v if self.backend == "flash" else reciprocal_attention
         with backend_context(self.backend):
             return ra(q, k, v, a, b)  # scale 1/sqrt(hs)
 
