@@ -120,7 +120,7 @@ HELP = {
     "ra_token_penalty": "weight of the token-fraction penalty (ra_tokensel)",
     "ra_quant": "none or int8: precision of the reciprocal channel",
     "ra_swap_norm": "ra_swap's swapped term: layernorm (LayerNorm(r), the published form; diverges on the prose "
-                    "short rung, docs/quality.md) or none (r itself, on the scale of the standard term)",
+                    "short rung, docs/quality.md) or none (r itself, on the scale of the standard term; trains)",
 }
 
 # the shared model fields; every other GPTConfig field is an attention option (a variant lists the ones it reads)
