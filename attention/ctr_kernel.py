@@ -74,6 +74,15 @@ if HAS_TRITON:
     # the kernels keep scores in log2 units (exp2 is the fast instruction): exp(x) = exp2(x * LOG2E)
     LOG2E = tl.constexpr(1.4426950408889634)
 
+    # the loops' bounds are runtime scalars. Compiled, _range is tl.range (the same loop as range). Triton
+    # 3.6's interpreter turns them into ints by int() of a shape-(1,) array, which numpy >= 2.4 refuses
+    # (Triton 3.9's does not), so under the interpreter they are unwrapped first.
+    if INTERPRET:
+        def _range(lo, hi, step):
+            return range(*(int(x.handle.data.item()) if isinstance(x, tl.tensor) else x for x in (lo, hi, step)))
+    else:
+        _range = tl.range
+
     @triton.jit
     def _load_rows(base, offs_r, stride_r, offs_d, T, MASKED: tl.constexpr):
         """Load a [len(offs_r), D] tile of rows offs_r (rows >= T read as 0 when MASKED)."""
@@ -92,7 +101,7 @@ if HAS_TRITON:
         plain: outer * Q_I K_J^T;  RA: outer * (Q_I K_J^T + r K_I Q_J^T)  (SWAP: the two terms swapped),
         with |r| <= 1 chosen by the caller, so s = ca q_i.k_j + cb k_i.q_j in fp32."""
         offs_n0 = tl.arange(0, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
+        for start_n in _range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + offs_n0
             k_j = _load_rows(Kb, offs_n, skt, offs_d, T, DIAG)
@@ -188,7 +197,7 @@ if HAS_TRITON:
         """Key block X (rows offs_n) against query blocks [lo, hi), tiles [BLOCK_N, BLOCK_M]:
         dv and the column forms of dk (factor a), dq (factor b), scaled here."""
         offs_m0 = tl.arange(0, BLOCK_M)
-        for start_m in range(lo, hi, BLOCK_M):
+        for start_m in _range(lo, hi, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             offs_m = start_m + offs_m0
             q_i = _load_rows(Qb, offs_m, sqt, offs_d, T, MASKED)
@@ -222,7 +231,7 @@ if HAS_TRITON:
         """Query block X (rows offs_x) against key blocks [lo, hi), tiles [BLOCK_N, BLOCK_M]:
         unscaled row forms rq = sum_j dS_xj k_j and (RA or DB) rk = sum_j dS_xj q_j."""
         offs_n0 = tl.arange(0, BLOCK_M)
-        for start_n in range(lo, hi, BLOCK_M):
+        for start_n in _range(lo, hi, BLOCK_M):
             start_n = tl.multiple_of(start_n, BLOCK_M)
             offs_n = start_n + offs_n0
             k_j = _load_rows(Kb, offs_n, skt, offs_d, T, DIAG)

@@ -76,10 +76,12 @@ def _gate_fwd_impl(qkv, m, saved, n_head, R):
     N, C3 = qkv.shape
     HR = n_head * R
     if _use_kernel(qkv):
-        # wrap_triton (torch >= 2.6) lets torch.compile trace the launch; older torch: call the kernel as is
+        # wrap_triton (torch >= 2.6) lets torch.compile trace the launch; older torch: call the kernel as is.
+        # Interpreter: as is too (torch 2.11's wrap_triton rejects the interpreter's kernel object)
         wrap = getattr(torch.library, "wrap_triton", lambda k: k)
-        wrap(_gate_fwd_kernel)[_grid(N)](qkv, m, saved, N, C3, D=C3 // 3 // n_head, R=R, HR=HR,
-                                             BLOCK_ROWS=BLOCK_ROWS, BLOCK_HR=triton.next_power_of_2(HR))
+        (_gate_fwd_kernel if INTERPRET else wrap(_gate_fwd_kernel))[_grid(N)](
+            qkv, m, saved, N, C3, D=C3 // 3 // n_head, R=R, HR=HR,
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_HR=triton.next_power_of_2(HR))
     else:
         rec = _rec_queries(qkv, n_head, R)
         saved.copy_(rec.reshape(N, HR))
