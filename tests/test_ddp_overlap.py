@@ -1,0 +1,51 @@
+"""tools/ddp_overlap.py on the CPU (gloo, 2 processes, dynamo without inductor): every configuration runs,
+and the DDP ways of combining compile and DDP compute the same training step."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "ddp_overlap.py")
+SMALL = ["--preset", "tiny", "--device", "cpu", "--compile-backend", "eager", "--steps", "3", "--warmup", "1",
+         "--batch-size", "2"]
+
+
+def rows(stdout):
+    """{config label: (ms, loss)} from the tool's table."""
+    out = {}
+    for m in re.finditer(r"^\| ([a-z][^|]*?) \| ([\d.]+) \| [\d,]+ \| [^|]+ \| ([-\d.]+) \|$", stdout, re.M):
+        out[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return out
+
+
+@pytest.mark.slow
+def test_configs_run_and_ddp_orders_agree():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TOOL,
+                        "--configs", "single,inside,outside,outside:view:b1"] + SMALL,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = rows(p.stdout)
+    assert list(r) == ["single", "inside", "outside", "outside gradient_as_bucket_view=True bucket_cap_mb=1"], p.stdout
+    assert all(ms > 0 for ms, _ in r.values())
+    # same weights, batches and all-reduced gradients: the DDP rows train alike (fp32 on the CPU)
+    losses = [loss for label, (_, loss) in r.items() if label != "single"]
+    assert max(losses) - min(losses) < 1e-5, r
+    assert "x 2," in p.stdout  # the world size in the header
+
+
+def test_one_process_runs_only_single_and_bad_configs_are_refused():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, TOOL, "--configs", "single,outside"] + SMALL, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "only `single` runs" in p.stdout and list(rows(p.stdout)) == ["single"]
+    for bad, msg in (("sideways", "starts with single, inside or outside"), ("outside:fast", "neither view nor bMB"),
+                     ("single:view", "single has no DDP options")):
+        p = subprocess.run([sys.executable, TOOL, "--configs", bad] + SMALL, cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env=env)
+        assert p.returncode != 0 and msg in p.stderr, p.stderr[-2000:]
