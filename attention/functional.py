@@ -115,12 +115,20 @@ def reciprocal_attention(q, k, v, a, b, scale=None):
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
     qf, kf = ra_operands(q, k, a, b)  # (B, H, T, 2D)
+    return folded_attention(qf, kf, v, scale)
+
+
+def folded_attention(qf, kf, v, scale):
+    """Causal attention over exact RA's folded operands q', k' (B, H, T, 2D) and v (B, H, T, D) at `scale`
+    (1/sqrt(D)): one SDPA call, or where a forced backend refuses Dqk != Dv, explicit (T, T) scores."""
     try:
         return F.scaled_dot_product_attention(qf, kf, v, is_causal=True, scale=scale)
     except RuntimeError as e:  # "No available kernel" under a forced backend; never swallow OOM
         if isinstance(e, _OOM):
             raise
-        return reciprocal_attention_matmul(q, k, v, a, b, scale)
+        s = (qf @ kf.transpose(-1, -2)) * scale  # (B, H, T, T)
+        s = s.masked_fill(_causal_mask(qf.size(-2), qf.device), float("-inf"))
+        return s.softmax(-1) @ v
 
 
 def reciprocal_attention_padded_v(q, k, v, a, b, scale=None):
@@ -129,10 +137,15 @@ def reciprocal_attention_padded_v(q, k, v, a, b, scale=None):
     The PV product doubles (1 + 1 + 2 = 2x baseline FLOPs instead of 1.5x) but the
     scores never leave the fused kernel, unlike reciprocal_attention_matmul.
     """
-    D = q.size(-1)
-    scale = D ** -0.5 if scale is None else scale
+    scale = q.size(-1) ** -0.5 if scale is None else scale
     qf, kf = ra_operands(q, k, a, b)  # (B, H, T, 2D)
-    y = F.scaled_dot_product_attention(qf, kf, F.pad(v, (0, D)), is_causal=True, scale=scale)
+    return folded_attention_padded_v(qf, kf, v, scale)
+
+
+def folded_attention_padded_v(qf, kf, v, scale):
+    """folded_attention with v zero-padded to q's head dim, for backends that need equal head dims."""
+    D = v.size(-1)
+    y = F.scaled_dot_product_attention(qf, kf, F.pad(v, (0, qf.size(-1) - D)), is_causal=True, scale=scale)
     return y[..., :D]  # (B, H, T, D)
 
 

@@ -14,6 +14,13 @@ choice, and cuDNN (sdpa_backend cudnn), take Dqk != Dv; a forced flash backend, 
 needs equal head dims, gets V padded to 2D instead (reciprocal_attention_padded_v: 2x
 FLOPs, still one fused kernel).
 
+Operands (ra_exact_operands): "cat" builds q' and k' from the views q, k of the projection's output
+(two copies forward; their gradients are split back). "packed" asks the projection for q' itself:
+c_attn's weight rows are gathered per forward into the order [q_0, k_0, q_1, k_1, ..., v] (the
+parameter keeps sdpa's [q | k | v] layout and init), so q' is a view of the projection's output and
+k' = [a k, b q] is q' with its two halves swapped and scaled, one pass. Same function, same
+gradients; which is faster is a GPU measurement (docs/bench.md).
+
 a, b: learnable per head, unconstrained (a negative b, "anti-reciprocal", is allowed:
 the folded product needs no square root). Init a = ra_w_std_init (default 1), b = ra_b_init
 (default 0): the module then computes exactly sdpa's function, and b still gets a gradient
@@ -27,9 +34,11 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from attention.functional import (
-    backend_context, merge_heads, reciprocal_attention, reciprocal_attention_padded_v, split_heads,
+    backend_context, folded_attention, folded_attention_padded_v, merge_heads, reciprocal_attention,
+    reciprocal_attention_padded_v, split_heads,
 )
 from attention.projections import add_projections
 
@@ -48,7 +57,7 @@ class ExactRA(nn.Module):
     # the contract (attention/__init__.py); a, b unconstrained
     ra_family = True
     attn_flop_mult = 1.5  # QK^T over 2D dims (2x) + PV over D dims (1x), vs 1 + 1
-    options = ("sdpa_backend", "ra_w_std_init", "ra_b_init")
+    options = ("sdpa_backend", "ra_w_std_init", "ra_b_init", "ra_exact_operands")
     gate_ranges = {"a": (-math.inf, None), "b": (-math.inf, None)}
     head_selective = False
 
@@ -57,10 +66,17 @@ class ExactRA(nn.Module):
         self.backend = cfg.sdpa_backend
         self.a_init = cfg.ra_w_std_init
         self.b_init = cfg.ra_b_init
+        if cfg.ra_exact_operands not in ("cat", "packed"):
+            raise ValueError(f"ra_exact: ra_exact_operands={cfg.ra_exact_operands!r}; use cat or packed")
+        self.operands = cfg.ra_exact_operands
         add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
         self.a = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_i.k_j
         self.b = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_j.k_i
         self.reset_parameters()
+        if self.operands == "packed":  # c_attn's rows in the order [q_0, k_0, q_1, k_1, ..., v]
+            C, H = cfg.n_embd, cfg.n_head
+            rows = torch.arange(2 * C).view(2, H, C // H).transpose(0, 1).reshape(-1)  # head h: q_h rows, k_h rows
+            self.register_buffer("packed_rows", torch.cat([rows, torch.arange(2 * C, 3 * C)]), persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -69,11 +85,28 @@ class ExactRA(nn.Module):
 
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
+        if self.operands == "packed":
+            return self.heads_packed(x)
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         # flash needs equal qk/v head dims (cuDNN does not): pad V rather than leave the fused kernel
         ra = reciprocal_attention_padded_v if self.backend == "flash" else reciprocal_attention
         with backend_context(self.backend):
             return ra(q, k, v, self.a, self.b)  # scale 1/sqrt(hs)
+
+    def heads_packed(self, x):
+        """heads() with q' written by the projection (ra_exact_operands=packed)."""
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        w = self.c_attn.weight.index_select(0, self.packed_rows)
+        bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, self.packed_rows)
+        out = F.linear(x, w, bias)  # (B, T, 3C): per head [q_h | k_h], then v
+        qf = out[..., :2 * C].view(B, T, H, 2 * D).transpose(1, 2)  # (B, nh, T, 2 hs): [q, k], a view
+        v = out[..., 2 * C:].view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
+        ab = torch.stack([self.a, self.b], dim=-1).to(qf.dtype).view(1, H, 1, 2, 1)
+        kf = (qf.unflatten(-1, (2, D)).flip(-2) * ab).flatten(-2)  # (B, nh, T, 2 hs): [a k, b q]
+        attend = folded_attention_padded_v if self.backend == "flash" else folded_attention
+        with backend_context(self.backend):
+            return attend(qf, kf, v, D ** -0.5)
 
     def forward(self, x):
         return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))

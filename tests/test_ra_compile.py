@@ -10,19 +10,22 @@ pytestmark = pytest.mark.slow  # compiles
 
 
 def _compile_cases():
-    # every RA variant; the unfused path too where there is one, with a stored routing where there is one
-    cases = [(n, True) for n in attention.ra_names()]
-    return cases + [(n, False) for n in attention.ra_names() if "ra_fused" in attention.get_class(n).options]
+    # every RA variant; the unfused path too where there is one (with a stored routing where there is one);
+    # ra_exact's packed operands
+    cases = [(n, {}) for n in attention.ra_names()]
+    cases += [(n, {"ra_fused": False}) for n in attention.ra_names() if "ra_fused" in attention.get_class(n).options]
+    return cases + [("ra_exact", {"ra_exact_operands": "packed"})]
 
 
-@pytest.mark.parametrize("name,fused", _compile_cases())
-def test_compiles_fullgraph_without_host_sync(name, fused):
+@pytest.mark.parametrize("name,kw", _compile_cases(),
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else c)
+def test_compiles_fullgraph_without_host_sync(name, kw):
     """fullgraph=True fails on any graph break, e.g. .item(), bool(tensor), .cpu() in forward."""
     torch._dynamo.reset()
-    options = attention.get_class(name).options
-    kw = dict(ra_route_every=4) if "ra_route_every" in options and not fused else {}
+    if "ra_route_every" in attention.get_class(name).options and kw.get("ra_fused") is False:
+        kw = {**kw, "ra_route_every": 4}
     torch.manual_seed(0)
-    mod = attention.build(name, cfg_for(name, ra_fused=fused, **kw))
+    mod = attention.build(name, cfg_for(name, **kw))
     x = torch.randn(2, 21, 96, requires_grad=True)
     mod(x)  # one eager call first: a one-time notice (the CPU fallback's) is not the forward's business
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")

@@ -71,20 +71,28 @@ def test_int8_quant_fused_equals_unfused_and_stays_close(name):
     assert 0 < (y - ys[1]).abs().max() < 0.05 * y.abs().max()
 
 
-def test_exact_module_matches_reference():
+@pytest.mark.parametrize("operands", ["cat", "packed"])
+def test_exact_module_matches_reference(operands):
+    # packed: the projection writes q' per head and k' is q' swapped and scaled; same function, same gradients
     x = rand(2, 77, 96, seed=3).requires_grad_()
-    mod = build64("ra_exact")
+    mod = build64("ra_exact", ra_exact_operands=operands)
     cfg = GPTConfig()
     assert mod.a.tolist() == pytest.approx([cfg.ra_w_std_init] * 3) and mod.b.tolist() == pytest.approx([cfg.ra_b_init] * 3)  # the init flags
     with torch.no_grad():
         mod.a.copy_(torch.tensor([1.0, 0.5, -0.2]))
         mod.b.copy_(torch.tensor([0.3, -0.7, 1.1]))
-    params = [x, mod.c_attn.weight, mod.a, mod.b]
+    params = [x, mod.c_attn.weight, mod.c_attn.bias, mod.a, mod.b]
     y = mod.heads(x)
     q, k, v = qkv_heads(mod, x)
     ref = ref_exact(q, k, v, mod.a, mod.b)
     assert_close_with_grads(y, ref, params)
     assert mod.attn_flop_mult == 1.5
+    assert list(mod.state_dict()) == ["a", "b", "c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"]
+
+
+def test_exact_operands_option_is_checked():
+    with pytest.raises(ValueError, match="ra_exact_operands='fused'; use cat or packed"):
+        build64("ra_exact", ra_exact_operands="fused")
 
 
 def test_swap_module_matches_reference():
