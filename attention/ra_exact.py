@@ -7,7 +7,7 @@ Per head h, query i, key j <= i:
 The reciprocal term q_j.k_i is how strongly key position j's query would attend to
 i's key: a pair scores high when either side looks for the other.
 
-Computed by functional.reciprocal_attention: one SDPA call over q' = [q, k],
+Computed as functional.reciprocal_attention does: one SDPA call over q' = [q, k],
 k' = [a k, b q] (head dim 2D, V keeps D), so the QK product is twice as wide:
 attention FLOPs are 1.5x the baseline's (attn_flop_mult). PyTorch's own backend
 choice, and cuDNN (sdpa_backend cudnn), take Dqk != Dv; a forced flash backend, which
@@ -37,8 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.functional import (
-    backend_context, folded_attention, folded_attention_padded_v, merge_heads, reciprocal_attention,
-    reciprocal_attention_padded_v, split_heads,
+    backend_context, folded_attention, folded_attention_padded_v, merge_heads, ra_operands, split_heads,
 )
 from attention.projections import add_projections
 
@@ -88,10 +87,19 @@ class ExactRA(nn.Module):
         if self.operands == "packed":
             return self.heads_packed(x)
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
-        # flash needs equal qk/v head dims (cuDNN does not): pad V rather than leave the fused kernel
-        ra = reciprocal_attention_padded_v if self.backend == "flash" else reciprocal_attention
+        return self.exact(q, k, v, self.a, self.b)
+
+    def exact(self, q, k, v, a, b):
+        """Exact RA on (B, n, T, hs) q, k, v with (n,) weights a, b: the folded operands, then attend()."""
+        qf, kf = ra_operands(q, k, a, b)  # (B, n, T, 2 hs)
+        return self.attend(qf, kf, v)
+
+    def attend(self, qf, kf, v):
+        """Causal attention over the folded operands q', k' (B, n, T, 2 hs) and v (B, n, T, hs), scale 1/sqrt(hs).
+        flash needs equal qk/v head dims (cuDNN does not): V padded rather than leaving the fused kernel."""
+        attend = folded_attention_padded_v if self.backend == "flash" else folded_attention
         with backend_context(self.backend):
-            return ra(q, k, v, self.a, self.b)  # scale 1/sqrt(hs)
+            return attend(qf, kf, v, v.size(-1) ** -0.5)
 
     def heads_packed(self, x):
         """heads() with q' written by the projection (ra_exact_operands=packed)."""
@@ -104,9 +112,7 @@ class ExactRA(nn.Module):
         v = out[..., 2 * C:].view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
         ab = torch.stack([self.a, self.b], dim=-1).to(qf.dtype).view(1, H, 1, 2, 1)
         kf = (qf.unflatten(-1, (2, D)).flip(-2) * ab).flatten(-2)  # (B, nh, T, 2 hs): [a k, b q]
-        attend = folded_attention_padded_v if self.backend == "flash" else folded_attention
-        with backend_context(self.backend):
-            return attend(qf, kf, v, D ** -0.5)
+        return self.attend(qf, kf, v)
 
     def forward(self, x):
         return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))

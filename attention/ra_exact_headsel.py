@@ -50,9 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention.functional import (
-    backend_context, merge_heads, reciprocal_attention, reciprocal_attention_padded_v, sdpa_causal, split_heads,
-)
+from attention.functional import merge_heads, sdpa_causal, split_heads
 from attention.ra_exact import ExactRA, perturb_ab_
 from attention.ra_headsel import HeadSelRA
 
@@ -127,12 +125,6 @@ class ExactHeadSelRA(ExactRA):
             return route
         keep = torch.zeros_like(route).index_fill_(0, self.head_order(route)[:self.n_ra], True)
         return route & keep
-
-    def exact(self, q, k, v, a, b):
-        # flash needs equal qk/v head dims: pad V rather than leave the fused kernel (as ra_exact)
-        ra = reciprocal_attention_padded_v if self.backend == "flash" else reciprocal_attention
-        with backend_context(self.backend):
-            return ra(q, k, v, a, b)  # scale 1/sqrt(hs)
 
     def grouped(self, x):
         """Per-head attention output (B, nh, T, hs) with the heads in the order of `order` ((nh,) device

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ladder.runs import IGNORED_FIELDS, OK_STATUSES
+from ladder.runs import IGNORED_FIELDS, OK_STATUSES, config_defaults
 
 STATE_FILE = "ladder_state.json"
 # meta.json fields that change when the same corpus is prepared again: not part of its identity
@@ -75,9 +75,7 @@ def check_state(out_dir, state, write=True):
                              f"another --out-dir, or restore that corpus")
         # a flag added to the code after this folder was started is missing from its state: it had the
         # flag's default then (a new field defaults to the old behaviour), as load_run assumes for configs
-        from ladder.runs import config_defaults
-        defaults = config_defaults()
-        old_flags = {k: v for k, v in defaults.items() if k in state["flags"]} | old.get("flags", {})
+        old_flags = {k: v for k, v in config_defaults().items() if k in state["flags"]} | old.get("flags", {})
         differ = sorted(k for k in set(old_flags) | set(state["flags"])
                         if old_flags.get(k) != state["flags"].get(k))
         if differ:

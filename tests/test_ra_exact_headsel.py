@@ -78,9 +78,9 @@ def test_plain_heads_leave_the_folded_call(monkeypatch):
             return fn(q, *args, **kw)
         return wrapped
 
-    monkeypatch.setattr(EH, "reciprocal_attention", spy(EH.reciprocal_attention, "ra"))
     monkeypatch.setattr(EH, "sdpa_causal", spy(EH.sdpa_causal, "plain"))
     mod = module64()
+    monkeypatch.setattr(mod, "exact", spy(mod.exact, "ra"))  # ra_exact's folded call
     x = rand(1, 9, C)
     for mask, want in ((MASKS[0], [("ra", 2, 24), ("plain", 2, 24)]), (MASKS[2], [("ra", 4, 24)]),
                        (MASKS[3], [("plain", 4, 24)])):
