@@ -130,7 +130,8 @@ def train(tc, mc, notes, given, cleanup):
     if ddp and not tc.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    bucket_cap_mb=tc.ddp_bucket_mb)
     # one optimizer step's micro-batches, in fixed device buffers (a CUDA graph reads fixed tensors; one
     # tensor per micro-step, as views at different offsets could recompile the compiled model)
     xbs = [torch.empty((tc.batch_size, mc.block_size), dtype=torch.long, device=device) for _ in range(tc.grad_accum)]

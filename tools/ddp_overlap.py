@@ -9,6 +9,7 @@ under several ways of combining torch.compile and DDP, in one torchrun:
 
 Configurations (--configs, comma list):
   single        rank 0 alone, the compiled model without DDP (the others wait): the one-GPU reference
+  single:eager  the same, not compiled (the reference for fsdp, which train.py runs eagerly)
   inside        torch.compile(model), then DDP around it: train.py today. The compiled backward hands DDP
                 every gradient at once when it returns, so the all-reduce cannot overlap it
   outside       DDP(model), then torch.compile of the DDP module: dynamo's DDPOptimizer splits the graph
@@ -16,7 +17,14 @@ Configurations (--configs, comma list):
                 the earlier layers still runs
   X:view        X with gradient_as_bucket_view=True (the gradients live in DDP's buckets: no copy)
   X:bMB         X with bucket_cap_mb=MB (DDP's default 25)
-e.g. --configs single,inside,outside,outside:view,outside:b100.
+  X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
+                change: the sum is rounded to bf16 before the optimizer sees it)
+  fsdp          FSDP2 as train.py --fsdp builds it (fully_shard per Block, bf16 parameters, fp32 reduction), eager
+e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16.
+
+Before the configurations, rank 0 prints how long one all-reduce of the model's gradients takes (fp32 and
+bf16, all ranks): the communication a DDP step has to hide behind its backward. --profile N: N more steps
+of each configuration under torch.profiler; rank 0 prints its top kernels and the NCCL kernels' total.
 
 Per configuration: --warmup steps (compilation), then --steps timed steps (CUDA events, or perf_counter on
 the CPU); rank 0 prints the median ms/step over steps (the slowest rank's), the global tokens/s, the
@@ -38,6 +46,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT  # noqa: E402
+from trainer import fsdp  # noqa: E402
 from trainer.common import init_device  # noqa: E402
 from trainer.config import parse_args  # noqa: E402
 from trainer.step import TrainStep  # noqa: E402
@@ -46,18 +55,24 @@ from trainer.step import TrainStep  # noqa: E402
 def parse_config(spec):
     """'outside:view:b100' -> ('outside', {'gradient_as_bucket_view': True, 'bucket_cap_mb': 100})."""
     order, *opts = spec.strip().split(":")
-    if order not in ("single", "inside", "outside"):
-        raise SystemExit(f"--configs: {spec!r}: starts with single, inside or outside")
+    if order not in ("single", "inside", "outside", "fsdp"):
+        raise SystemExit(f"--configs: {spec!r}: starts with single, inside, outside or fsdp")
+    if order == "single" and opts == ["eager"]:
+        return order, {"eager": True}
+    if order == "fsdp" and opts:
+        raise SystemExit(f"--configs: {spec!r}: fsdp has no options")
     kw = {}
     for o in opts:
-        if o == "view":
+        if o == "bf16":
+            kw["bf16"] = True
+        elif o == "view":
             kw["gradient_as_bucket_view"] = True
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is neither view nor bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16 or bMB (e.g. b100)")
     if order == "single" and kw:
-        raise SystemExit(f"--configs: {spec!r}: single has no DDP options")
+        raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
     return order, kw
 
 
@@ -68,16 +83,70 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     torch._dynamo.reset()
     torch.manual_seed(tc.seed)
     raw = GPT(mc).to(device)
+    if order == "fsdp":
+        fsdp.shard(raw, "bfloat16" if device.type == "cuda" else "float32")  # before the optimizer
     opt = raw.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
     ids = [device.index] if device.type == "cuda" else None
+    kw = dict(ddp_kw)
+    eager, bf16 = kw.pop("eager", False), kw.pop("bf16", False)
     if order == "single":
-        model = torch.compile(raw, backend=backend)
-    elif order == "inside":
-        model = DDP(torch.compile(raw, backend=backend), device_ids=ids, **ddp_kw)
+        model = raw if eager else torch.compile(raw, backend=backend)
+    elif order == "fsdp":
+        model = raw
     else:
-        model = torch.compile(DDP(raw, device_ids=ids, **ddp_kw), backend=backend)
+        ddp = DDP(raw if order == "outside" else torch.compile(raw, backend=backend), device_ids=ids, **kw)
+        if bf16:
+            ddp.register_comm_hook(None, bf16_allreduce)
+        model = torch.compile(ddp, backend=backend) if order == "outside" else ddp
     scaler = torch.amp.GradScaler(enabled=False)
-    return TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip, ddp=order != "single")
+    return TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
+                     ddp=order in ("inside", "outside"))
+
+
+def bf16_allreduce(_, bucket):
+    """A DDP comm hook: the bucket's mean all-reduced in bf16 (half the bytes of fp32), written back into the
+    bucket. torch's bf16_compress_hook does the same on CUDA only; this one also runs on gloo (the CPU test)."""
+    buf = bucket.buffer()
+    low = buf.div(dist.get_world_size()).to(torch.bfloat16)
+    return dist.all_reduce(low, async_op=True).get_future().then(lambda f: buf.copy_(f.value()[0]))
+
+
+def allreduce_ms(n, dtype, device, reps=10):
+    """Median ms of one all-reduce of n elements of dtype over every rank."""
+    buf = torch.ones(n, dtype=dtype, device=device)
+    dist.all_reduce(buf)  # warm-up: NCCL builds its channels
+    out = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def top_kernels(step, n, device, k=8):
+    """Run n steps under torch.profiler -> (lines of the top k kernels (CPU: ops), NCCL kernels' ms per step
+    (None on the CPU))."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+            step.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # kernels only: ranges such as nccl:all_reduce or DistributedDataParallel.forward also show up on the GPU
+    # timeline (user annotations) and would count their kernels twice
+    evs = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0 and not getattr(e, "is_user_annotation", False)
+           and (device.type != "cuda" or e.device_type.name == "CUDA")]
+    evs.sort(key=lambda e: getattr(e, attr), reverse=True)
+    nccl = sum(getattr(e, attr) for e in evs if e.key.startswith("nccl")) / 1e3 / n if device.type == "cuda" else None
+    lines = [f"{getattr(e, attr) / 1e3 / n:8.2f} ms x{e.count // n:<4d} {e.key[:90]}" for e in evs[:k]]
+    return lines, nccl
 
 
 def time_steps(step, n, device):
@@ -109,6 +178,7 @@ def main(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="N more steps per config under torch.profiler")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     if args.steps < 1 or args.warmup < 0:
@@ -120,7 +190,7 @@ def main(argv=None):
     tc, mc, _, _ = parse_args(train_argv)
     ddp, rank, world, device = init_device(tc.device)
     if not ddp and any(o != "single" for o, _ in configs):
-        print("one process: only `single` runs; the DDP rows need torchrun --nproc_per_node=N (N >= 2)")
+        print("one process: only `single` runs; the DDP and FSDP rows need torchrun --nproc_per_node=N (N >= 2)")
         configs = [c for c in configs if c[0] == "single"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if device.type == "cuda":
@@ -131,7 +201,15 @@ def main(argv=None):
     xbs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)]
     ybs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)]
 
-    rows = []
+    if ddp:
+        n_grad = sum(p.numel() for p in GPT(mc).parameters())  # on the CPU: only its size is needed
+        ar = {dt: allreduce_ms(n_grad, dt, device) for dt in (torch.float32, torch.bfloat16)}
+        if rank == 0:
+            for dt, ms in ar.items():
+                size = n_grad * torch.tensor([], dtype=dt).element_size()
+                print(f"all-reduce of the gradients, {n_grad / 1e6:.1f}M {str(dt)[6:]} ({size / 1e6:.0f} MB) over "
+                      f"{world} ranks: {ms:.2f} ms, {size / ms / 1e6:.1f} GB/s algorithm bandwidth")
+    rows, profiles = [], []
     for order, kw in configs:
         label = order + "".join(f" {k}={v}" for k, v in kw.items())
         ms, loss = float("nan"), float("nan")
@@ -143,26 +221,33 @@ def main(argv=None):
             step.loss_sum.zero_()
             ms = statistics.median(time_steps(step, args.steps, device))
             loss = step.loss_sum.item() / args.steps
+            if args.profile:
+                profiles.append((label, *top_kernels(step, args.profile, device)))
         if ddp:
             worst = torch.tensor([ms if order != "single" else 0.0], device=device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
             if order != "single":
                 ms = worst.item()
             dist.barrier()
-        rows.append((order, label, ms, loss))
+        rows.append((order, kw.get("eager", order == "fsdp"), label, ms, loss))
 
     if rank == 0:
         tokens = B * T  # per rank and step
-        single = next((ms for o, _, ms, _ in rows if o == "single"), None)
+        # the one-GPU reference of each row: compiled single for DDP, single:eager for fsdp (train.py's FSDP is eager)
+        single = {eager: ms for o, eager, _, ms, _ in rows if o == "single"}
         print(f"device {device} x {world}, torch {torch.__version__}, {args.preset} attn={args.attn}, "
               f"{B} x {T} tokens per rank and step, compile backend {args.compile_backend}")
         print("| config | ms/step | tokens/s | of linear | mean loss |")
         print("|---|---|---|---|---|")
-        for order, label, ms, loss in rows:
+        for order, eager, label, ms, loss in rows:
             n = 1 if order == "single" else world
             tps = n * tokens / (ms / 1e3)
-            lin = f"{single / ms:.3f}" if single else "-"  # = tokens/s / (world x single's per GPU)
+            lin = f"{single[eager] / ms:.3f}" if eager in single else "-"  # = tokens/s / (world x single's per GPU)
             print(f"| {label} | {ms:.2f} | {tps:,.0f} | {lin} | {loss:.6f} |")
+        for label, lines, nccl in profiles:
+            what = f"NCCL kernels {nccl:.2f} ms per step" if nccl is not None else "CPU ops by self time"
+            print(f"\n{label}: top kernels per step (rank 0), {what}")
+            print("\n".join(lines))
     if ddp:
         dist.destroy_process_group()
     return 0

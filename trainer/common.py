@@ -20,12 +20,15 @@ def init_device(device="auto"):
         import torch.distributed as dist
 
         use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(dev)
+            # the rank's GPU named, so NCCL does not guess it from the rank (it warns, and can hang)
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
         if device == "auto":

@@ -51,6 +51,7 @@ class TrainConfig:  # every field is a flag; what each does: HELP below
     compile: bool = False
     cuda_graph: bool = False
     fsdp: bool = False
+    ddp_bucket_mb: int = 25
     device: str = "auto"
     dtype: str = "auto"
     wandb: bool = False
@@ -93,6 +94,8 @@ HELP = {
     "cuda_graph": "replay each optimizer step as one CUDA graph (one GPU; see cuda_graph.py)",
     "fsdp": "shard the parameters, gradients and optimizer state over the processes (FSDP2; under torchrun or "
             "in one process; checkpoints through torch.distributed.checkpoint; docs/ddp.md)",
+    "ddp_bucket_mb": "DDP all-reduces the gradients in buckets of this many MB (torch's default 25; docs/ddp.md "
+                     "measures others)",
     "device": "auto, cuda, cuda:N, mps or cpu",
     "dtype": "auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float16 or float32",
     "wandb": "log to Weights & Biases (offline without an API key)",
@@ -246,7 +249,7 @@ def resolve_config(argv=None):
 def check_config(tc, mc):
     """Reject values that cannot work, before any work starts."""
     mc.validate()  # attention name, head divisibility, ...
-    for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "ddp_bucket_mb"):
         if getattr(tc, name) <= 0:
             raise ValueError(f"{flag(name)}={getattr(tc, name)} must be positive")
     for name in ("eval_every", "ckpt_every", "warmup_steps", "lr_decay_steps", "max_time_min", "grad_clip"):
