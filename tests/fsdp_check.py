@@ -50,6 +50,9 @@ def main():
         failed |= not ok
         if dist.get_rank() == 0:
             print(f"variant {name} {loss_diff:.3g} {grad_diff:.3g} {'ok' if ok else 'FAIL'}", flush=True)
+    # every rank's last collective finished before any rank tears the group down: without it, a loaded
+    # machine saw both ranks abort at exit ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)
 
