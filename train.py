@@ -91,7 +91,7 @@ def train(tc, mc, notes, given, cleanup):
     if tc.fsdp:  # before the optimizer, which then holds each rank's shards (tc.fsdp: a resume's saved value too)
         if not ddp:
             fsdp.init_single_process(device)
-        fsdp.shard(model, dtype)
+        fsdp.shard(model, dtype, compile_blocks=tc.compile)  # --compile: each Block, before sharding
     optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type,
                                           capturable=tc.cuda_graph)
     step = 0
@@ -122,7 +122,7 @@ def train(tc, mc, notes, given, cleanup):
             group["lr"] = torch.tensor(tc.lr, device=device)
     raw_model = model
     aux_loss = raw_model.aux_loss
-    if tc.compile:
+    if tc.compile and not tc.fsdp:  # (--fsdp compiled each Block above)
         model = torch.compile(model)
         # the attention regularizers too: eagerly they are a few tiny kernels per layer, forward and
         # backward, each a launch the GPU waits for; compiled, one fused kernel each way

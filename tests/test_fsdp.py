@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from test_world_size import assert_same_run, data_dir, single, train  # noqa: F401  (fixtures)
+from test_world_size import assert_same_run, data_dir, losses, single, train  # noqa: F401  (fixtures)
 from trainer.config import TrainConfig, check_fsdp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("flags, says", [
     ({"cuda_graph": True}, "--fsdp with --cuda-graph"),
-    ({"compile": True}, "--fsdp with --compile"),
     ({"dtype": "float16"}, "--fsdp with --dtype float16"),
     ({"device": "mps"}, "not on mps"),
 ])
@@ -28,10 +27,26 @@ def test_fsdp_refuses_what_it_cannot_combine_with(flags, says):
     check_fsdp(TrainConfig(fsdp=True))  # the plain --fsdp passes
 
 
-def test_fsdp_compile_is_an_error_before_any_work(corpus, tmp_path):
-    p = train(["--run-name", "c", "--fsdp", "--compile", "--max-steps", "2"], corpus, tmp_path, check=False)
-    assert p.returncode != 0 and "--fsdp with --compile" in p.stderr, p.stderr
-    assert not (tmp_path / "c").exists()  # refused at parse time: no run folder
+@pytest.mark.slow
+def test_fsdp_compile_logs_what_the_uncompiled_run_logs(corpus, single):
+    # --compile under --fsdp compiles each Block's forward (inductor, on the CPU too) before sharding: the same
+    # losses as the uncompiled reference up to the compiled kernels' float rounding, and a checkpoint whose
+    # parameter names are an uncompiled run's
+    out, (ref_loss, ref_val) = single
+    p = train(["--run-name", "fc", "--fsdp", "--compile", "--grad-accum", "2", "--max-steps", "20"], corpus, out)
+    assert "compile=True" in p.stdout and "fsdp=True" in p.stdout
+    loss, val = losses(out, "fc")
+    for s in ref_loss:
+        assert loss[s] == pytest.approx(ref_loss[s], rel=1e-4), (s, loss[s], ref_loss[s])
+    for s in ref_val:
+        assert val[s] == pytest.approx(ref_val[s], rel=1e-4), (s, val[s], ref_val[s])
+    meta = torch.load(out / "fc" / "ckpt.pt", weights_only=False)
+    names = os.listdir(out / "fc" / meta["dcp"])
+    assert names and not any("_orig_mod" in n for n in names)
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(out / "fc" / meta["dcp"])).read_metadata().state_dict_metadata
+    assert "model.transformer.h.0.attn.c_attn.weight" in keys and not any("_orig_mod" in k for k in keys), keys
 
 
 @pytest.mark.slow

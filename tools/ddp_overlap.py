@@ -19,7 +19,10 @@ Configurations (--configs, comma list):
   X:bMB         X with bucket_cap_mb=MB (DDP's default 25)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
+  manual        no DDP: the compiled model, and after the backward ONE all-reduce of all gradients, flattened
+                into one buffer (what DDP's cost is beyond the all-reduce itself)
   fsdp          FSDP2 as train.py --fsdp builds it (fully_shard per Block, bf16 parameters, fp32 reduction), eager
+  fsdp:compile  the same with each Block's forward compiled before it is sharded (train.py --fsdp --compile)
 e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16.
 
 Before the configurations, rank 0 prints how long one all-reduce of the model's gradients takes (fp32 and
@@ -55,12 +58,14 @@ from trainer.step import TrainStep  # noqa: E402
 def parse_config(spec):
     """'outside:view:b100' -> ('outside', {'gradient_as_bucket_view': True, 'bucket_cap_mb': 100})."""
     order, *opts = spec.strip().split(":")
-    if order not in ("single", "inside", "outside", "fsdp"):
-        raise SystemExit(f"--configs: {spec!r}: starts with single, inside, outside or fsdp")
+    if order not in ("single", "inside", "outside", "manual", "fsdp"):
+        raise SystemExit(f"--configs: {spec!r}: starts with single, inside, outside, manual or fsdp")
     if order == "single" and opts == ["eager"]:
         return order, {"eager": True}
-    if order == "fsdp" and opts:
-        raise SystemExit(f"--configs: {spec!r}: fsdp has no options")
+    if order == "fsdp" and opts == ["compile"]:
+        return order, {"compile": True}
+    if order in ("fsdp", "manual") and opts:
+        raise SystemExit(f"--configs: {spec!r}: {order} has no options" + (" but compile" if order == "fsdp" else ""))
     kw = {}
     for o in opts:
         if o == "bf16":
@@ -83,14 +88,19 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     torch._dynamo.reset()
     torch.manual_seed(tc.seed)
     raw = GPT(mc).to(device)
-    if order == "fsdp":
-        fsdp.shard(raw, "bfloat16" if device.type == "cuda" else "float32")  # before the optimizer
+    kw = dict(ddp_kw)
+    eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
+    if order == "fsdp":  # as train.py --fsdp [--compile] builds it; before the optimizer
+        fsdp.shard(raw, "bfloat16" if device.type == "cuda" else "float32", compile_blocks=compile_blocks,
+                   compile_backend=backend)
     opt = raw.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
     ids = [device.index] if device.type == "cuda" else None
-    kw = dict(ddp_kw)
-    eager, bf16 = kw.pop("eager", False), kw.pop("bf16", False)
+    after_backward = None
     if order == "single":
         model = raw if eager else torch.compile(raw, backend=backend)
+    elif order == "manual":
+        model = torch.compile(raw, backend=backend)
+        after_backward = lambda: flat_allreduce(raw.parameters())  # noqa: E731
     elif order == "fsdp":
         model = raw
     else:
@@ -100,7 +110,16 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
         model = torch.compile(ddp, backend=backend) if order == "outside" else ddp
     scaler = torch.amp.GradScaler(enabled=False)
     return TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
-                     ddp=order in ("inside", "outside"))
+                     ddp=order in ("inside", "outside"), after_backward=after_backward)
+
+
+def flat_allreduce(params):
+    """The mean of every gradient over the ranks with one all-reduce: copied into one flat buffer, reduced,
+    copied back (DDP's buckets, as one bucket, without DDP's hooks)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
+    dist.all_reduce(flat)
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def bf16_allreduce(_, bucket):
@@ -229,11 +248,11 @@ def main(argv=None):
             if order != "single":
                 ms = worst.item()
             dist.barrier()
-        rows.append((order, kw.get("eager", order == "fsdp"), label, ms, loss))
+        rows.append((order, kw.get("eager", order == "fsdp" and not kw.get("compile")), label, ms, loss))
 
     if rank == 0:
         tokens = B * T  # per rank and step
-        # the one-GPU reference of each row: compiled single for DDP, single:eager for fsdp (train.py's FSDP is eager)
+        # the one-GPU reference of each row: compiled single for DDP, manual and fsdp:compile, single:eager for fsdp
         single = {eager: ms for o, eager, _, ms, _ in rows if o == "single"}
         print(f"device {device} x {world}, torch {torch.__version__}, {args.preset} attn={args.attn}, "
               f"{B} x {T} tokens per rank and step, compile backend {args.compile_backend}")
@@ -249,6 +268,7 @@ def main(argv=None):
             print(f"\n{label}: top kernels per step (rank 0), {what}")
             print("\n".join(lines))
     if ddp:
+        dist.barrier()  # rank 0 has printed before any rank tears down (a gloo rank can abort at exit otherwise)
         dist.destroy_process_group()
     return 0
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need CUDA GPUs, in one command (CI has no GPU): the test suite on the GPU (its CUDA
 # tests run instead of skipping), the CTR kernel against cuDNN, a compiled CUDA-graphed training step per
-# variant family, and with 2+ GPUs a DDP and an FSDP2 run under torchrun. Correctness only: the timings
-# these print are not results (bench.py and docs/bench.md are).
+# variant family, and with 2+ GPUs a DDP run and two FSDP2 runs (eager, compiled) under torchrun.
+# Correctness only: the timings these print are not results (bench.py and docs/bench.md are).
 #
 #   bash tools/gpu_check.sh            # ~5 min on an H200; prints a PASS/FAIL line per check, last
 #   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
@@ -49,8 +49,10 @@ check train_graph python train.py $TINY --attn ra_headsel --compile --cuda-graph
 if [ "$NGPU" -ge 2 ]; then
     check ddp torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --compile --run-name ddp
     check fsdp torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --fsdp --run-name fsdp
+    check fsdp_compile torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --fsdp --compile \
+        --run-name fsdp-compile
 else
-    results+=("SKIP ddp, fsdp (one GPU)")
+    results+=("SKIP ddp, fsdp, fsdp_compile (one GPU)")
 fi
 printf '%s\n' "${results[@]}"
 ! printf '%s\n' "${results[@]}" | grep -q '^FAIL'

@@ -90,7 +90,7 @@ HELP = {
     "ckpt_every": "checkpoint every this many steps (0: only at the end and on SIGINT/SIGTERM)",
     "resume": "continue the run in <out-dir>/<run-name> from its ckpt.pt, with its saved config",
     "overwrite": "start a new run in a folder that holds one: the old run is moved to <run-name>.old-N first",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model (with --fsdp: each Block's forward, before sharding)",
     "cuda_graph": "replay each optimizer step as one CUDA graph (one GPU; see cuda_graph.py)",
     "fsdp": "shard the parameters, gradients and optimizer state over the processes (FSDP2; under torchrun or "
             "in one process; checkpoints through torch.distributed.checkpoint; docs/ddp.md)",
@@ -289,9 +289,6 @@ def check_fsdp(tc):
     if tc.cuda_graph:
         raise ValueError("--fsdp with --cuda-graph: the graph would have to capture FSDP's per-block all-gathers and "
                          "reduce-scatters, which is not done here; drop one of them")
-    if tc.compile:
-        raise ValueError("--fsdp with --compile is not supported yet (compiling each Block before sharding it was not "
-                         "tested here); drop --compile")
     if tc.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16: the fp16 grad scaler does not handle sharded gradients here; "
                          "use --dtype bfloat16 (parameters gathered in bf16, gradients reduced in fp32)")

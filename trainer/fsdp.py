@@ -26,10 +26,13 @@ def init_single_process(device):
                                 rank=0, world_size=1)
 
 
-def shard(model, dtype):
+def shard(model, dtype, compile_blocks=False, compile_backend="inductor"):
     """fully_shard every Block, then the root; in place (the model's class becomes its FSDP subclass, so
     num_params, flops_per_token and the other methods stay). Before the optimizer is built: it must hold the
-    sharded parameters. dtype: the run's resolved --dtype."""
+    sharded parameters. dtype: the run's resolved --dtype. compile_blocks (--compile): each Block's forward
+    torch.compile'd first. FSDP's all-gather and reduce-scatter hooks run around the forward, outside the
+    compiled code; the Blocks share one compiled graph (same code, parameters as its inputs); the parameter
+    names, and so the DCP checkpoints, are those of an uncompiled run."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -38,6 +41,9 @@ def shard(model, dtype):
     # the mesh on the model's device: fully_shard's default mesh takes the machine's accelerator, so a CPU
     # (gloo) run on a machine with a GPU would move the shards to the GPU
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    if compile_blocks:
+        for block in model.transformer.h:
+            block.forward = torch.compile(block.forward, backend=compile_backend)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

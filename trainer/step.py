@@ -24,8 +24,10 @@ class TrainStep:
     them (launcher). marks: a list that gets time.perf_counter() after each forward, each backward and the
     clip (tools/step_overhead.py's host phases)."""
 
-    def __init__(self, model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, grad_clip, ddp=False):
+    def __init__(self, model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, grad_clip, ddp=False,
+                 after_backward=None):
         self.model = model  # what the forward calls: compiled and/or DDP-wrapped
+        self.after_backward = after_backward  # called once after the last backward, before the clip (or None)
         self.raw_model = raw_model  # its parameters are clipped
         self.optimizer, self.scaler, self.autocast, self.aux_loss = optimizer, scaler, autocast, aux_loss
         self.xbs, self.ybs, self.grad_clip, self.ddp = xbs, ybs, grad_clip, ddp
@@ -47,6 +49,8 @@ class TrainStep:
                 mark(marks)
             self.loss_sum.add_(loss.detach() / grad_accum)
             self.aux_sum.add_(aux.detach() / grad_accum)
+        if self.after_backward is not None:
+            self.after_backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.grad_clip)
