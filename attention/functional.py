@@ -94,12 +94,18 @@ def ra_operands(q, k, a, b):
 
 
 def reciprocal_attention_matmul(q, k, v, a, b, scale=None):
-    """Exact RA with explicit (B, H, T, T) scores: the fallback where SDPA cannot take Dqk != Dv."""
+    """Exact RA with explicit (B, H, T, T) scores from q and k themselves (no folded operands): the form the
+    folded paths are tested against."""
     scale = q.size(-1) ** -0.5 if scale is None else scale
     qk = q @ k.transpose(-1, -2)  # (B, H, T, T): qk[i, j] = q_i . k_j
     s = scale * (_per_head(a, q) * qk + _per_head(b, q) * qk.transpose(-1, -2))  # + q_j . k_i
-    s = s.masked_fill(_causal_mask(q.size(-2), q.device), float("-inf"))
-    return s.softmax(-1) @ v  # (B, H, T, D)
+    return _causal_attention(s, v)  # (B, H, T, D)
+
+
+def _causal_attention(s, v):
+    """Explicit causal attention: scores s (B, H, T, T), already scaled, then softmax over j <= i, times v."""
+    s = s.masked_fill(_causal_mask(s.size(-2), s.device), float("-inf"))
+    return s.softmax(-1) @ v
 
 
 def reciprocal_attention(q, k, v, a, b, scale=None):
@@ -126,9 +132,7 @@ def folded_attention(qf, kf, v, scale):
     except RuntimeError as e:  # "No available kernel" under a forced backend; never swallow OOM
         if isinstance(e, _OOM):
             raise
-        s = (qf @ kf.transpose(-1, -2)) * scale  # (B, H, T, T)
-        s = s.masked_fill(_causal_mask(qf.size(-2), qf.device), float("-inf"))
-        return s.softmax(-1) @ v
+        return _causal_attention((qf @ kf.transpose(-1, -2)) * scale, v)  # scores (B, H, T, T)
 
 
 def reciprocal_attention_padded_v(q, k, v, a, b, scale=None):

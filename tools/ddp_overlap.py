@@ -221,7 +221,8 @@ def main(argv=None):
     ybs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)]
 
     if ddp:
-        n_grad = sum(p.numel() for p in GPT(mc).parameters())  # on the CPU: only its size is needed
+        with device:  # built where it trains (a 1B model's init on the CPU takes long); only its size is needed
+            n_grad = sum(p.numel() for p in GPT(mc).parameters())
         ar = {dt: allreduce_ms(n_grad, dt, device) for dt in (torch.float32, torch.bfloat16)}
         if rank == 0:
             for dt, ms in ar.items():
