@@ -47,7 +47,7 @@ class GPTConfig:
     ra_token_penalty: float = 0.01  # weight of the token-fraction penalty
     ra_quant: str = "none"  # none|int8: precision of the reciprocal channel (int8: fake-quantized, same-FLOP family)
     ra_swap_norm: str = "layernorm"  # layernorm|none: ra_swap's swapped term, LayerNorm(r) (published) or r itself
-    ra_exact_operands: str = "cat"  # cat|packed: how ra_exact builds q' = [q, k] (attention/ra_exact.py)
+    ra_exact_operands: str = "dense"  # dense|cat: how ra_exact builds q' = [q, k] (attention/ra_exact.py)
 
     @property
     def padded_vocab_size(self):

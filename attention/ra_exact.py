@@ -14,12 +14,16 @@ choice, and cuDNN (sdpa_backend cudnn), take Dqk != Dv; a forced flash backend, 
 needs equal head dims, gets V padded to 2D instead (reciprocal_attention_padded_v: 2x
 FLOPs, still one fused kernel).
 
-Operands (ra_exact_operands): "cat" builds q' and k' from the views q, k of the projection's output
-(two copies forward; their gradients are split back). "packed" asks the projection for q' itself:
-c_attn's weight rows are gathered per forward into the order [q_0, k_0, q_1, k_1, ..., v] (the
-parameter keeps sdpa's [q | k | v] layout and init), so q' is a view of the projection's output and
-k' = [a k, b q] is q' with its two halves swapped and scaled, one pass. Same function, same
-gradients; which is faster is a GPU measurement (docs/bench.md).
+Operands (ra_exact_operands). "dense" (the default): the projection emits q' itself, c_attn's weight
+rows gathered per forward into the order [q_0, k_0, q_1, k_1, ..., v] (the parameter keeps sdpa's
+[q | k | v] layout and init) and applied as two products, q' from the first 2C rows and v from the
+last C, so that q' and v are each dense in (B, T, H, .) order; k' = [a k, b q] is q' with its two
+halves swapped and scaled, one pass, in the same order. cuDNN allocates its output and its gradients
+in the order of its inputs, so the projection's gradient comes back in the projection's own layout
+and is assembled without a transpose (on an H200 the step costs 1.11x sdpa's against 1.13x for
+"cat", docs/bench.md). "cat" builds q' = [q, k] and k' = [a k, b q] from the views q, k of one
+(B, T, 3C) projection output (two copies forward; their gradients are split back): the plain form.
+Same function, same gradients.
 
 a, b: learnable per head, unconstrained (a negative b, "anti-reciprocal", is allowed:
 the folded product needs no square root). Init a = ra_w_std_init (default 1), b = ra_b_init
@@ -65,14 +69,14 @@ class ExactRA(nn.Module):
         self.backend = cfg.sdpa_backend
         self.a_init = cfg.ra_w_std_init
         self.b_init = cfg.ra_b_init
-        if cfg.ra_exact_operands not in ("cat", "packed"):
-            raise ValueError(f"ra_exact: ra_exact_operands={cfg.ra_exact_operands!r}; use cat or packed")
+        if cfg.ra_exact_operands not in ("dense", "cat"):
+            raise ValueError(f"ra_exact: ra_exact_operands={cfg.ra_exact_operands!r}; use dense or cat")
         self.operands = cfg.ra_exact_operands
         add_projections(self, cfg)  # n_head, n_embd, c_attn, c_proj, resid_dropout
         self.a = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_i.k_j
         self.b = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_j.k_i
         self.reset_parameters()
-        if self.operands == "packed":  # c_attn's rows in the order [q_0, k_0, q_1, k_1, ..., v]
+        if self.operands == "dense":  # c_attn's rows in the order [q_0, k_0, q_1, k_1, ..., v]
             C, H = cfg.n_embd, cfg.n_head
             rows = torch.arange(2 * C).view(2, H, C // H).transpose(0, 1).reshape(-1)  # head h: q_h rows, k_h rows
             self.register_buffer("packed_rows", torch.cat([rows, torch.arange(2 * C, 3 * C)]), persistent=False)
@@ -84,8 +88,8 @@ class ExactRA(nn.Module):
 
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
-        if self.operands == "packed":
-            return self.heads_packed(x)
+        if self.operands == "dense":
+            return self.heads_dense(x)
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         return self.exact(q, k, v, self.a, self.b)
 
@@ -101,18 +105,18 @@ class ExactRA(nn.Module):
         with backend_context(self.backend):
             return attend(qf, kf, v, v.size(-1) ** -0.5)
 
-    def heads_packed(self, x):
-        """heads() with q' written by the projection (ra_exact_operands=packed)."""
+    def heads_dense(self, x):
+        """heads() with q', k', v each dense in (B, T, H, .) order (ra_exact_operands=dense)."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         w = self.c_attn.weight.index_select(0, self.packed_rows)
         bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, self.packed_rows)
-        out = F.linear(x, w, bias)  # (B, T, 3C): per head [q_h | k_h], then v
-        qf = out[..., :2 * C].view(B, T, H, 2 * D).transpose(1, 2)  # (B, nh, T, 2 hs): [q, k], a view
-        v = out[..., 2 * C:].view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
-        ab = torch.stack([self.a, self.b], dim=-1).to(qf.dtype).view(1, H, 1, 2, 1)
-        kf = (qf.unflatten(-1, (2, D)).flip(-2) * ab).flatten(-2)  # (B, nh, T, 2 hs): [a k, b q]
-        return self.attend(qf, kf, v)
+        qf = F.linear(x, w[:2 * C], None if bias is None else bias[:2 * C]).view(B, T, H, 2, D)  # per head [q_h, k_h]
+        v = F.linear(x, w[2 * C:], None if bias is None else bias[2 * C:]).view(B, T, H, D)
+        ab = torch.stack([self.a, self.b], dim=-1).to(qf.dtype).view(1, 1, H, 2, 1)
+        kf = qf.flip(-2) * ab  # (B, T, H, 2, hs): [a k, b q], dense
+        # (B, nh, T, 2 hs) and (B, nh, T, hs) views of (B, T, H, .) tensors: cuDNN's output keeps that order too
+        return self.attend(qf.flatten(-2).transpose(1, 2), kf.flatten(-2).transpose(1, 2), v.transpose(1, 2))
 
     def forward(self, x):
         return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))

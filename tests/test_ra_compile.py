@@ -11,10 +11,10 @@ pytestmark = pytest.mark.slow  # compiles
 
 def _compile_cases():
     # every RA variant; the unfused path too where there is one (with a stored routing where there is one);
-    # ra_exact's packed operands
+    # ra_exact's cat operands (dense is the default)
     cases = [(n, {}) for n in attention.ra_names()]
     cases += [(n, {"ra_fused": False}) for n in attention.ra_names() if "ra_fused" in attention.get_class(n).options]
-    return cases + [("ra_exact", {"ra_exact_operands": "packed"})]
+    return cases + [("ra_exact", {"ra_exact_operands": "cat"})]
 
 
 @pytest.mark.parametrize("name,kw", _compile_cases(),

@@ -71,9 +71,10 @@ def test_int8_quant_fused_equals_unfused_and_stays_close(name):
     assert 0 < (y - ys[1]).abs().max() < 0.05 * y.abs().max()
 
 
-@pytest.mark.parametrize("operands", ["cat", "packed"])
+@pytest.mark.parametrize("operands", ["dense", "cat"])
 def test_exact_module_matches_reference(operands):
-    # packed: the projection writes q' per head and k' is q' swapped and scaled; same function, same gradients
+    # dense: the projection writes q' per head (and v), each dense in (B, T, H, .) order, and k' is q' swapped and
+    # scaled; cat: q' and k' copied from the views q, k; same function, same gradients
     x = rand(2, 77, 96, seed=3).requires_grad_()
     mod = build64("ra_exact", ra_exact_operands=operands)
     cfg = GPTConfig()
@@ -91,7 +92,7 @@ def test_exact_module_matches_reference(operands):
 
 
 def test_exact_operands_option_is_checked():
-    with pytest.raises(ValueError, match="ra_exact_operands='fused'; use cat or packed"):
+    with pytest.raises(ValueError, match="ra_exact_operands='fused'; use dense or cat"):
         build64("ra_exact", ra_exact_operands="fused")
 
 

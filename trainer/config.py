@@ -124,8 +124,9 @@ HELP = {
     "ra_quant": "none or int8: precision of the reciprocal channel",
     "ra_swap_norm": "ra_swap's swapped term: layernorm (LayerNorm(r), the published form; diverges on the prose "
                     "short rung, docs/quality.md) or none (r itself, on the scale of the standard term; trains)",
-    "ra_exact_operands": "ra_exact's folded operands: cat (q' = [q, k] and k' = [a k, b q] copied from q, k) or "
-                         "packed (the projection writes q' per head, k' is one pass over it; a speed candidate)",
+    "ra_exact_operands": "ra_exact's folded operands: dense (the projection writes q' per head and v, each dense in "
+                         "(B, T, H, .) order; k' is one pass over q') or cat (q' = [q, k] and k' = [a k, b q] "
+                         "copied from q, k: the plain form, slower)",
 }
 
 # the shared model fields; every other GPTConfig field is an attention option (a variant lists the ones it reads)
