@@ -122,16 +122,26 @@ def train(tc, mc, notes, given, cleanup):
             group["lr"] = torch.tensor(tc.lr, device=device)
     raw_model = model
     aux_loss = raw_model.aux_loss
-    if tc.compile and not tc.fsdp:  # (--fsdp compiled each Block above)
-        model = torch.compile(model)
+    # --compile: the model compiled, then DDP around it; --ddp-overlap: DDP first, then compiled, so that
+    # dynamo cuts the graph at DDP's buckets and their all-reduces overlap the backward (--fsdp compiled each
+    # Block above)
+    compile_after_ddp = ddp and tc.ddp_overlap
+    if tc.compile and not tc.fsdp:
         # the attention regularizers too: eagerly they are a few tiny kernels per layer, forward and
         # backward, each a launch the GPU waits for; compiled, one fused kernel each way
         aux_loss = torch.compile(aux_loss)
+        if not compile_after_ddp:
+            model = torch.compile(model)
+    # --cuda-graph: one stream warms up and records the step, and DDP is built on it (cuda_graph.py says why)
+    graph_stream = torch.cuda.Stream(device) if tc.cuda_graph else None
     if ddp and not tc.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    bucket_cap_mb=tc.ddp_bucket_mb)
+        with torch.cuda.stream(graph_stream) if graph_stream else nullcontext():
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        bucket_cap_mb=tc.ddp_bucket_mb)
+        if tc.compile and compile_after_ddp:
+            model = torch.compile(model)
     # one optimizer step's micro-batches, in fixed device buffers (a CUDA graph reads fixed tensors; one
     # tensor per micro-step, as views at different offsets could recompile the compiled model)
     xbs = [torch.empty((tc.batch_size, mc.block_size), dtype=torch.long, device=device) for _ in range(tc.grad_accum)]
@@ -145,8 +155,9 @@ def train(tc, mc, notes, given, cleanup):
         train_step.loss_sum.copy_(ckpt["interval"]["loss"])
         train_step.aux_sum.copy_(ckpt["interval"]["aux"])
         interval_time, interval_steps = ckpt["interval"]["time_s"], ckpt["interval"]["steps"]
-    # --cuda-graph: 3 normal steps (compile, autotune, allocate), then train_step recorded and replayed
-    run_step = launcher(train_step, optimizer, graphed=tc.cuda_graph)
+    # --cuda-graph: 3 normal steps (compile, autotune, allocate; under DDP 11, its rule), then train_step
+    # recorded and replayed, the all-reduce in it
+    run_step = launcher(train_step, optimizer, graphed=tc.cuda_graph, stream=graph_stream, warmup=11 if ddp else 3)
 
     tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum * world
     flops_per_step = raw_model.flops_per_token(mc.block_size) * tokens_per_step
@@ -261,6 +272,7 @@ def train(tc, mc, notes, given, cleanup):
                    "run_dir": str(run_dir)}
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         run_log.finish()
+    run_step.release()  # a graph that holds captured collectives would hang destroy_process_group
     if ddp or tc.fsdp:
         import torch.distributed as dist
 

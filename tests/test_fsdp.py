@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("flags, says", [
     ({"cuda_graph": True}, "--fsdp with --cuda-graph"),
+    ({"ddp_overlap": True}, "--fsdp with --ddp-overlap"),
     ({"dtype": "float16"}, "--fsdp with --dtype float16"),
     ({"device": "mps"}, "not on mps"),
 ])

@@ -62,6 +62,7 @@ def test_help_describes_every_flag_with_the_presets_values():
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--max-steps", "-5"], "--max-steps=-5 must be positive"),
     (["--ddp-bucket-mb", "0"], "--ddp-bucket-mb=0 must be positive"),
+    (["--ddp-overlap"], "without --compile DDP already overlaps"),
     (["--batch-size", "abc"], "invalid int value: 'abc'"),
     (["--compile", "maybe"], "expected true/false"),
     (["--preset", "huge"], "unknown preset 'huge'; available:"),

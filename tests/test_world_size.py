@@ -127,6 +127,23 @@ def test_two_processes_log_what_one_process_with_twice_the_accumulation_logs(cor
 
 
 @pytest.mark.slow
+def test_ddp_overlap_logs_what_one_process_logs(corpus, single):
+    # --compile --ddp-overlap: torch.compile around DDP, the graph cut at DDP's buckets (1 MB: several, in the
+    # tiny model) with each bucket's all-reduce inside the compiled backward; the same training as one process
+    # up to the compiled kernels' float rounding
+    out, (ref_loss, ref_val) = single
+    p = train(["--run-name", "overlap", "--grad-accum", "1", "--max-steps", "20", "--compile", "--ddp-overlap",
+               "--ddp-bucket-mb", "1"], corpus, out, nproc=2)
+    assert "ddp: parameters identical across 2 ranks" in p.stdout
+    loss, val = losses(out, "overlap")
+    assert sorted(loss) == LOGGED
+    for s in LOGGED:
+        assert loss[s] == pytest.approx(ref_loss[s], rel=1e-4), (s, loss[s], ref_loss[s])
+    for s in (10, 20):
+        assert val[s] == pytest.approx(ref_val[s], rel=1e-4), (s, val[s], ref_val[s])
+
+
+@pytest.mark.slow
 def test_resume_two_processes_on_one(corpus, single):
     out, (ref_loss, ref_val) = single
     train(["--run-name", "cut", "--grad-accum", "1", "--max-steps", "10"], corpus, out, nproc=2)
@@ -140,3 +157,23 @@ def test_resume_two_processes_on_one(corpus, single):
         assert "| loss" not in p.stdout  # no training step ran
     train(["--run-name", "cut", "--resume", "--max-steps", "20", "--grad-accum", "2"], corpus, out)
     assert_same_run(out, "cut", ref_loss, ref_val)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (tools/gpu_check.sh runs it)")
+def test_two_gpus_cuda_graph_replays_the_ddp_steps(tmp_path):
+    """--cuda-graph under torchrun: DDP's all-reduce recorded in the graph. The 2-GPU graph run logs the normally
+    launched 2-GPU run's losses (bf16 noise) through DDP's 11 warm-up steps, 9 replays, ra_headsel's routing
+    refresh and the lr schedule, and its ranks end with identical parameters (the all-reduce really ran). The
+    synthetic data, not the `files:` corpus: GPU machines may lack `datasets`, which prepares that one."""
+    corpus = {"dataset": "synthetic-recall", "data_root": str(tmp_path / "data")}
+    common = ["--device", "cuda", "--attn", "ra_headsel", "--compile", "--ra-route-every", "3", "--max-steps", "20"]
+    train(["--run-name", "launched", *common], corpus, tmp_path, nproc=2)
+    p = train(["--run-name", "graph", "--cuda-graph", *common], corpus, tmp_path, nproc=2)
+    assert "cuda_graph=True" in p.stdout and "ddp: parameters identical across 2 ranks" in p.stdout, p.stdout
+    (ref, ref_val), (got, val) = losses(tmp_path, "launched"), losses(tmp_path, "graph")
+    assert sorted(got) == LOGGED and got[20] < got[4]
+    for s in LOGGED:
+        assert got[s] == pytest.approx(ref[s], rel=1e-3, abs=1e-4), (s, got, ref)
+    for s in (10, 20):
+        assert val[s] == pytest.approx(ref_val[s], rel=1e-3, abs=1e-4), (s, val, ref_val)

@@ -19,11 +19,14 @@ Configurations (--configs, comma list):
   X:bMB         X with bucket_cap_mb=MB (DDP's default 25)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
+  X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
+                --cuda-graph does: no host launches, so no rank waits for the other's host (also single:graph;
+                GPU only)
   manual        no DDP: the compiled model, and after the backward ONE all-reduce of all gradients, flattened
                 into one buffer (what DDP's cost is beyond the all-reduce itself)
   fsdp          FSDP2 as train.py --fsdp builds it (fully_shard per Block, bf16 parameters, fp32 reduction), eager
   fsdp:compile  the same with each Block's forward compiled before it is sharded (train.py --fsdp --compile)
-e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16.
+e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16,single:graph,inside:graph.
 
 Before the configurations, rank 0 prints how long one all-reduce of the model's gradients takes (fp32 and
 bf16, all ranks): the communication a DDP step has to hide behind its backward. --profile N: N more steps
@@ -52,7 +55,7 @@ from model import GPT  # noqa: E402
 from trainer import fsdp  # noqa: E402
 from trainer.common import init_device  # noqa: E402
 from trainer.config import parse_args  # noqa: E402
-from trainer.step import TrainStep  # noqa: E402
+from trainer.step import TrainStep, launcher  # noqa: E402
 
 
 def parse_config(spec):
@@ -60,6 +63,15 @@ def parse_config(spec):
     order, *opts = spec.strip().split(":")
     if order not in ("single", "inside", "outside", "manual", "fsdp"):
         raise SystemExit(f"--configs: {spec!r}: starts with single, inside, outside, manual or fsdp")
+    graph = "graph" in opts
+    if graph:
+        if order == "fsdp":
+            raise SystemExit(f"--configs: {spec!r}: fsdp has no graph option (train.py refuses --fsdp --cuda-graph)")
+        opts = [o for o in opts if o != "graph"]
+        order, kw = parse_config(":".join([order, *opts]))
+        if kw.get("eager"):
+            raise SystemExit(f"--configs: {spec!r}: a graph is recorded from the compiled step, not the eager one")
+        return order, {**kw, "graph": True}
     if order == "single" and opts == ["eager"]:
         return order, {"eager": True}
     if order == "fsdp" and opts == ["compile"]:
@@ -82,7 +94,8 @@ def parse_config(spec):
 
 
 def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
-    """A fresh model from the same seed, its optimizer and TrainStep, wrapped as `order` says."""
+    """A fresh model from the same seed, its optimizer and TrainStep, wrapped as `order` says -> launch(), one
+    training step (trainer.step.launcher: the grads reset after it, or the step replayed as a CUDA graph)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch._dynamo.reset()
@@ -90,10 +103,18 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
+    graph = kw.pop("graph", False)
+    if graph and device.type != "cuda":
+        raise SystemExit("a :graph config needs a CUDA GPU")
     if order == "fsdp":  # as train.py --fsdp [--compile] builds it; before the optimizer
         fsdp.shard(raw, "bfloat16" if device.type == "cuda" else "float32", compile_blocks=compile_blocks,
                    compile_backend=backend)
-    opt = raw.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
+    opt = raw.configure_optimizer(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type, capturable=graph)
+    if graph:  # as train.py --cuda-graph: the recorded optimizer step reads its lr from a tensor
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(tc.lr, device=device)
+    # train.py's rule: DDP built on the stream that warms up and records the step
+    stream = torch.cuda.Stream(device) if graph else None
     ids = [device.index] if device.type == "cuda" else None
     after_backward = None
     if order == "single":
@@ -104,13 +125,17 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     elif order == "fsdp":
         model = raw
     else:
-        ddp = DDP(raw if order == "outside" else torch.compile(raw, backend=backend), device_ids=ids, **kw)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            ddp = DDP(raw if order == "outside" else torch.compile(raw, backend=backend), device_ids=ids, **kw)
         if bf16:
             ddp.register_comm_hook(None, bf16_allreduce)
         model = torch.compile(ddp, backend=backend) if order == "outside" else ddp
     scaler = torch.amp.GradScaler(enabled=False)
-    return TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
+    step = TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
                      ddp=order in ("inside", "outside"), after_backward=after_backward)
+    launch = launcher(step, opt, graphed=graph, stream=stream, warmup=11 if order in ("inside", "outside") else 3)
+    launch.step = step
+    return launch
 
 
 def flat_allreduce(params):
@@ -145,7 +170,7 @@ def allreduce_ms(n, dtype, device, reps=10):
     return statistics.median(out)
 
 
-def top_kernels(step, n, device, k=8):
+def top_kernels(launch, n, device, k=8):
     """Run n steps under torch.profiler -> (lines of the top k kernels (CPU: ops), NCCL kernels' ms per step
     (None on the CPU))."""
     from torch.profiler import ProfilerActivity, profile
@@ -153,8 +178,7 @@ def top_kernels(step, n, device, k=8):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            step()
-            step.optimizer.zero_grad(set_to_none=True)
+            launch()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -168,22 +192,21 @@ def top_kernels(step, n, device, k=8):
     return lines, nccl
 
 
-def time_steps(step, n, device):
+def time_steps(launch, n, device):
     """ms of each of n steps."""
     out = []
     for _ in range(n):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            step()
+            launch()
             b.record()
             b.synchronize()
             out.append(a.elapsed_time(b))
         else:
             t0 = time.perf_counter()
-            step()
+            launch()
             out.append((time.perf_counter() - t0) * 1e3)
-        step.optimizer.zero_grad(set_to_none=True)
     return out
 
 
@@ -236,33 +259,37 @@ def main(argv=None):
         if order == "single" and rank != 0:
             pass  # rank 0 alone; the others wait at the barrier below
         else:
-            step = build(order, kw, mc, tc, device, args.compile_backend, autocast, xbs, ybs)
-            time_steps(step, args.warmup, device)
-            step.loss_sum.zero_()
-            ms = statistics.median(time_steps(step, args.steps, device))
-            loss = step.loss_sum.item() / args.steps
+            launch = build(order, kw, mc, tc, device, args.compile_backend, autocast, xbs, ybs)
+            time_steps(launch, args.warmup + (11 if kw.get("graph") else 0), device)  # (a graph: warm-up, record)
+            launch.step.loss_sum.zero_()
+            ms = statistics.median(time_steps(launch, args.steps, device))
+            loss = launch.step.loss_sum.item() / args.steps
             if args.profile:
-                profiles.append((label, *top_kernels(step, args.profile, device)))
+                profiles.append((label, *top_kernels(launch, args.profile, device)))
+            launch.release()  # a graph holding captured collectives would hang destroy_process_group
         if ddp:
             worst = torch.tensor([ms if order != "single" else 0.0], device=device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
             if order != "single":
                 ms = worst.item()
             dist.barrier()
-        rows.append((order, kw.get("eager", order == "fsdp" and not kw.get("compile")), label, ms, loss))
+        # which one-GPU row a row compares with: single:graph for graphs, single:eager for eager fsdp, else single
+        ref = "graph" if kw.get("graph") else "eager" if kw.get("eager", order == "fsdp" and not kw.get("compile")) else ""
+        rows.append((order, ref, label, ms, loss))
 
     if rank == 0:
         tokens = B * T  # per rank and step
-        # the one-GPU reference of each row: compiled single for DDP, manual and fsdp:compile, single:eager for fsdp
-        single = {eager: ms for o, eager, _, ms, _ in rows if o == "single"}
+        # the one-GPU reference of each row: compiled single for DDP, manual and fsdp:compile, single:eager for
+        # fsdp, single:graph for the graphed rows
+        single = {ref: ms for o, ref, _, ms, _ in rows if o == "single"}
         print(f"device {device} x {world}, torch {torch.__version__}, {args.preset} attn={args.attn}, "
               f"{B} x {T} tokens per rank and step, compile backend {args.compile_backend}")
         print("| config | ms/step | tokens/s | of linear | mean loss |")
         print("|---|---|---|---|---|")
-        for order, eager, label, ms, loss in rows:
+        for order, ref, label, ms, loss in rows:
             n = 1 if order == "single" else world
             tps = n * tokens / (ms / 1e3)
-            lin = f"{single[eager] / ms:.3f}" if eager in single else "-"  # = tokens/s / (world x single's per GPU)
+            lin = f"{single[ref] / ms:.3f}" if ref in single else "-"  # = tokens/s / (world x single's per GPU)
             print(f"| {label} | {ms:.2f} | {tps:,.0f} | {lin} | {loss:.6f} |")
         for label, lines, nccl in profiles:
             what = f"NCCL kernels {nccl:.2f} ms per step" if nccl is not None else "CPU ops by self time"

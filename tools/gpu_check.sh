@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The checks that need CUDA GPUs, in one command (CI has no GPU): the test suite on the GPU (its CUDA
 # tests run instead of skipping), the CTR kernel against cuDNN, a compiled CUDA-graphed training step per
-# variant family, and with 2+ GPUs a DDP run and two FSDP2 runs (eager, compiled) under torchrun.
+# variant family, and with 2+ GPUs two DDP runs (launched, CUDA-graphed) and two FSDP2 runs (eager, compiled)
+# under torchrun.
 # Correctness only: the timings these print are not results (bench.py and docs/bench.md are).
 #
-#   bash tools/gpu_check.sh            # ~5 min on an H200; prints a PASS/FAIL line per check, last
+#   bash tools/gpu_check.sh            # over 10 min on 2 H200s (its pytest phase alone: 7+); a PASS/FAIL line per check, last
 #   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
 # Logs go to $LOGS (default runs/gpu-check/), the suite's per test file in $LOGS/pytest/.
 set -u
@@ -48,11 +49,13 @@ check step_graph python bench.py --what step --compile --cuda-graph --no-eager -
 check train_graph python train.py $TINY --attn ra_headsel --compile --cuda-graph --run-name graph
 if [ "$NGPU" -ge 2 ]; then
     check ddp torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --compile --run-name ddp
+    check ddp_graph torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --compile --cuda-graph \
+        --run-name ddp-graph
     check fsdp torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --fsdp --run-name fsdp
     check fsdp_compile torchrun --standalone --nproc_per_node=2 train.py $TINY --attn ra_same_flop --fsdp --compile \
         --run-name fsdp-compile
 else
-    results+=("SKIP ddp, fsdp, fsdp_compile (one GPU)")
+    results+=("SKIP ddp, ddp_graph, fsdp, fsdp_compile (one GPU)")
 fi
 printf '%s\n' "${results[@]}"
 ! printf '%s\n' "${results[@]}" | grep -q '^FAIL'

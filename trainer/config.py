@@ -52,6 +52,7 @@ class TrainConfig:  # every field is a flag; what each does: HELP below
     cuda_graph: bool = False
     fsdp: bool = False
     ddp_bucket_mb: int = 25
+    ddp_overlap: bool = False
     device: str = "auto"
     dtype: str = "auto"
     wandb: bool = False
@@ -91,11 +92,14 @@ HELP = {
     "resume": "continue the run in <out-dir>/<run-name> from its ckpt.pt, with its saved config",
     "overwrite": "start a new run in a folder that holds one: the old run is moved to <run-name>.old-N first",
     "compile": "torch.compile the model (with --fsdp: each Block's forward, before sharding)",
-    "cuda_graph": "replay each optimizer step as one CUDA graph (one GPU; see cuda_graph.py)",
+    "cuda_graph": "replay each optimizer step as one CUDA graph, under torchrun DDP's all-reduce included (see cuda_graph.py)",
     "fsdp": "shard the parameters, gradients and optimizer state over the processes (FSDP2; under torchrun or "
             "in one process; checkpoints through torch.distributed.checkpoint; docs/ddp.md)",
     "ddp_bucket_mb": "DDP all-reduces the gradients in buckets of this many MB (torch's default 25; docs/ddp.md "
                      "measures others)",
+    "ddp_overlap": "with --compile under torchrun: compile around DDP, so that dynamo splits the compiled graph at "
+                   "DDP's buckets and each bucket's all-reduce overlaps the rest of the backward (default: DDP "
+                   "around the compiled model, whose backward hands DDP every gradient at its end; docs/ddp.md)",
     "device": "auto, cuda, cuda:N, mps or cpu",
     "dtype": "auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float16 or float32",
     "wandb": "log to Weights & Biases (offline without an API key)",
@@ -269,12 +273,12 @@ def check_config(tc, mc):
     if tc.cuda_graph:
         if tc.device in ("cpu", "mps") or not torch.cuda.is_available():
             raise ValueError("--cuda-graph needs a CUDA GPU (it records the training step's kernels); drop it here")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--cuda-graph runs on one GPU; under torchrun drop it (DDP's gradient all-reduce is not "
-                             "captured here)")
         if tc.dtype == "float16":
             raise ValueError("--cuda-graph with --dtype float16: the fp16 grad scaler checks for inf on the host every "
                              "step, which a graph cannot do; use --dtype bfloat16")
+    if tc.ddp_overlap and not tc.compile:
+        raise ValueError("--ddp-overlap changes how --compile and DDP combine; without --compile DDP already overlaps "
+                         "its all-reduce with the backward: add --compile or drop --ddp-overlap")
     if tc.fsdp:
         check_fsdp(tc)
     bad = [c for c in tc.run_name if not (c.isalnum() or c in "-_.")]
@@ -287,6 +291,9 @@ def check_config(tc, mc):
 
 def check_fsdp(tc):
     """--fsdp with an option it cannot run with: an error now, not a failure some steps in."""
+    if tc.ddp_overlap:
+        raise ValueError("--fsdp with --ddp-overlap: FSDP does not use DDP (its collectives already overlap per "
+                         "Block); drop --ddp-overlap")
     if tc.cuda_graph:
         raise ValueError("--fsdp with --cuda-graph: the graph would have to capture FSDP's per-block all-gathers and "
                          "reduce-scatters, which is not done here; drop one of them")

@@ -66,21 +66,24 @@ def mark(marks):
         marks.append(time.perf_counter())
 
 
-def launcher(step, optimizer, graphed=False, pool=None):
+def launcher(step, optimizer, graphed=False, pool=None, stream=None, warmup=3):
     """launch(marks=None), which makes one training step: step(marks), then the grads set to None; or, graphed
-    (--cuda-graph), by cuda_graph.graphed: 3 normal steps (compile, autotune, allocate), then the step
-    recorded once as a CUDA graph (in pool, if given) and replayed (no host phases: marks must be None)."""
+    (--cuda-graph), by cuda_graph.graphed: `warmup` normal steps (compile, autotune, allocate), then the step
+    recorded once as a CUDA graph (in pool, if given; on stream, if given) and replayed (no host phases: marks
+    must be None). launch.release() frees the graph (a no-op otherwise): before destroy_process_group."""
     if graphed:
-        replay = cuda_graph.graphed(step, optimizer, pool=pool)
+        replay = cuda_graph.graphed(step, optimizer, warmup=warmup, pool=pool, stream=stream)
 
         def launch(marks=None):
             if marks is not None:
                 raise ValueError("a CUDA-graph step has no host phases to time")
             replay()
+        launch.release = replay.release
     else:
         def launch(marks=None):
             step(marks)
             optimizer.zero_grad(set_to_none=True)
+        launch.release = lambda: None
 
     return launch
 
