@@ -129,6 +129,9 @@ def parse_args(argv):
     p.add_argument("--out", help="write the JSON here (rewritten after every section)")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: table by device name)")
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE", help="GPTConfig override, e.g. ra_R=12")
+    p.add_argument("--ra-heads", type=int, metavar="K",
+                   help="step: in the head-selective variants, the first K heads of every layer are RA heads "
+                        "(set_heads_mask), the others plain (default: the variant's own init)")
     for k in GPU_DEFAULTS:
         if k != "dtype":
             p.add_argument("--" + k.replace("_", "-"), dest=k, type=int,
@@ -175,6 +178,9 @@ def parse_args(argv):
         typ = type(fields[key].default)
         overrides[key] = val.lower() in ("1", "true", "yes") if typ is bool else typ(val)
     args.overrides = overrides
+    n_head = overrides.get("n_head", args.n_head)
+    if args.ra_heads is not None and not 0 <= args.ra_heads <= n_head:
+        p.error(f"--ra-heads {args.ra_heads}: use 0..{n_head} (the heads per layer)")
     if args.peak_flops is None and args.device == "cuda":
         try:
             from trainer.common import peak_flops  # a table of dense bf16 peaks by device name

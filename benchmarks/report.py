@@ -30,7 +30,9 @@ def status(r):
 def section_table(rows):
     if rows[0]["section"] == "step":
         header = ["variant", "mode", "ms/step", "tokens/s", "TFLOP/s", "MFU", "x sdpa", "peak MiB", "1st step s", "status"]
-        lines = [[r["variant"], r["passes"], fmt(r["ms"], ".2f"), fmt(r.get("tokens_per_s"), ",.0f"),
+        # a setting (--ra-heads) goes with the variant's name: "ra_exact_headsel ra_heads=3/12"
+        lines = [[" ".join(filter(None, (r["variant"], r["setting"]))), r["passes"], fmt(r["ms"], ".2f"),
+                  fmt(r.get("tokens_per_s"), ",.0f"),
                   fmt_flops(r["tflops"]), fmt(r.get("mfu"), ".1%"), fmt(r["ratio"], ".3f"),
                   fmt(r["mem_mib"], ",.0f"), fmt(r.get("first_step_s"), ".1f"), status(r)] for r in rows]
         if any("ratio_paired" in r for r in rows):  # --interleave

@@ -20,7 +20,8 @@ from cuda_graph import CaptureError
 from .profile import profile_kernels
 from .timing import HostSync, cycle, free_memory, randn, time_graph_ms, time_ms
 from .variants import (
-    FUNCTIONS, GPU_ONLY, Skip, build_attention, build_model, function_extras, load_function, variant_names,
+    FUNCTIONS, GPU_ONLY, Skip, build_attention, build_model, function_extras, head_selective_names, load_function,
+    variant_names,
 )
 
 
@@ -223,7 +224,10 @@ class Bench:
         a, dev = self.args, self.device
         graphed = a.cuda_graph and dev.type == "cuda"
         passes = ("compile" if compiled else "eager") + ("+graph" if graphed else "")
-        rows = self.new_rows("step", "step", "", "model", name, [passes], B=B, T=T)
+        # --ra-heads K: the first K heads of every layer RA heads (head-selective variants only)
+        ra_heads = a.ra_heads if a.ra_heads is not None and name in head_selective_names() else None
+        setting = "" if ra_heads is None else f"ra_heads={ra_heads}/{cfg.n_head}"
+        rows = self.new_rows("step", "step", setting, "model", name, [passes], B=B, T=T)
         row = rows[0]
         built = {}
 
@@ -238,6 +242,10 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats()
             with (dev if not self.capture_failed else contextlib.nullcontext()):  # on the device: faster; see randn()
                 model = build_model(name, cfg).to(dev).train()
+            if ra_heads is not None:
+                mask = torch.arange(cfg.n_head, device=dev) < ra_heads
+                for block in model.transformer.h:
+                    block.attn.set_heads_mask(mask)
             # --interleave keeps every variant's graph alive: one memory pool for them all (never replayed
             # concurrently). Timed one by one, each graph is freed before the next capture, and capturing into a
             # pool whose graphs were all freed trips an allocator assert: a private pool per graph (None).

@@ -161,6 +161,36 @@ def test_interleaved_step_timing_pairs_rounds(tmp_path):
     assert sdpa["ratio_paired"] == 1.0 and ra["status"] == "ok" and ra["ms"] == pytest.approx(sorted(ra["rounds_ms"])[1])
 
 
+def test_ra_heads_sets_the_step_rows_heads(tmp_path, monkeypatch, capsys):
+    """--ra-heads K: each head-selective variant's step row trains with the first K heads of every layer as RA
+    heads (set_heads_mask), says so in its setting and its table line; other variants are built as they are."""
+    from benchmarks import runner
+
+    masks = []
+    real = runner.build_model
+
+    def spy(name, cfg):
+        model = real(name, cfg)
+        for block in model.transformer.h:
+            if hasattr(block.attn, "set_heads_mask"):
+                orig = block.attn.set_heads_mask
+                block.attn.set_heads_mask = lambda m, orig=orig, name=name: (masks.append((name, m.tolist())), orig(m))
+        return model
+
+    monkeypatch.setattr(runner, "build_model", spy)
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--what", "step", "--variants", "ra_exact_headsel,ra_same_flop",
+                       "--ra-heads", "1", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["ra_exact_headsel"]["setting"] == "ra_heads=1/2" and rows["ra_exact_headsel"]["status"] == "ok"
+    assert rows["ra_same_flop"]["setting"] == rows["sdpa"]["setting"] == ""
+    assert masks == [("ra_exact_headsel", [True, False])] * 2  # both layers of the CPU model (2 heads each)
+    assert "| ra_exact_headsel ra_heads=1/2 | eager |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--what", "step", "--ra-heads", "3"])  # the CPU model has 2 heads
+    assert "--ra-heads 3: use 0..2" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_attention_rows_are_cuda_graph_replays(tmp_path):
     out = tmp_path / "b.json"
