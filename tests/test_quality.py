@@ -168,7 +168,8 @@ def ladder(tmp_path_factory):
     cmd = [sys.executable, str(ROOT / "quick_quality_test.py"), "--steps", "20", "--variants", ",".join(variants),
            "--out-dir", str(tmp / "ladder"), "--data-root", str(tmp / "data"), "--train-args", SHRINK]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    # generous: tools/gpu_check.sh runs 8 test files at once, and there this ladder can take over 300 s
+    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     return {"dir": tmp / "ladder", "proc": p, "variants": variants, "cmd": cmd, "tmp": tmp, "env": env}
 
 
