@@ -267,7 +267,7 @@ def fake_graphed_bench(monkeypatch, fail=(), interleave=0):
         return train_step
 
     args = argparse.Namespace(cuda_graph=True, out=None, n_inputs=1, step_warmup=1, step_reps=2, profile=0,
-                              peak_flops=None, interleave=interleave)
+                              peak_flops=None, interleave=interleave, ra_heads=None)
     bench = runner.Bench(args, torch.device("cuda"), torch.float32, {}, make_train_step)
     return bench, calls, built
 
