@@ -21,8 +21,11 @@ Sections (each a markdown table on stdout; all rows also in --out JSON):
          T: every variant at T, 2T, 4T; heads: head_selective variants with 0/25/50/100% RA heads;
          exact: at T, 2T, 4T and head dims D, 2D, the functions sdpa (the baseline of that
          T and D), `exact bound` (SDPA on pre-built q' = [q, k], k' = [a k, b q] of head dim 2D and v:
-         the floor of any exact-RA path handing SDPA folded operands), reciprocal_attention (today's
-         fold) and ctr_attention (the Triton kernel; GPU only).
+         the floor of any exact-RA path handing SDPA folded operands), reciprocal_attention (the
+         plain fold, from q, k, v), ctr_attention (the Triton kernel; GPU only), and the span rows
+         from the projection's outputs to the attention's output: `sdpa span` (q, k, v views of one
+         (B, T, 3, H, D) output) and `exact span (dense)` (ra_exact's default operands: q' and v
+         from the projection, k' built inside); their ms ratio is exact RA's span cost.
          Sweeps time the attention module and function (as the attn section does); exact: functions only.
 
 The arithmetic:

@@ -93,6 +93,18 @@ def ra_operands(q, k, a, b):
     return torch.cat([q, k], dim=-1), torch.cat([_per_head(a, k) * k, _per_head(b, q) * q], dim=-1)
 
 
+def ra_operands_dense(qk, v, a, b):
+    """ra_operands from projection outputs: qk (B, T, H, 2D), per head [q_h, k_h] (q' itself), and v
+    (B, T, H, D) -> q', k', v as (B, H, T, .) views of tensors dense in (B, T, H, .) order. k' = [a k, b q]
+    is q' with its halves swapped and scaled, one pass in the same order. cuDNN returns its output and
+    its gradients in its inputs' dimension order, so these come back in the projection's layout."""
+    B, T, H, D2 = qk.shape
+    halves = qk.view(B, T, H, 2, D2 // 2)
+    ab = torch.stack([a, b], dim=-1).to(qk.dtype).view(1, 1, H, 2, 1)
+    kf = (halves.flip(-2) * ab).view(B, T, H, D2)  # [a k, b q]
+    return qk.transpose(1, 2), kf.transpose(1, 2), v.transpose(1, 2)
+
+
 def reciprocal_attention_matmul(q, k, v, a, b, scale=None):
     """Exact RA with explicit (B, H, T, T) scores from q and k themselves (no folded operands): the form the
     folded paths are tested against."""

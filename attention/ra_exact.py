@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention.functional import (
-    backend_context, folded_attention, folded_attention_padded_v, merge_heads, ra_operands, split_heads,
+    backend_context, folded_attention, folded_attention_padded_v, merge_heads, ra_operands, ra_operands_dense,
+    split_heads,
 )
 from attention.projections import add_projections
 
@@ -111,12 +112,9 @@ class ExactRA(nn.Module):
         H, D = self.n_head, C // self.n_head
         w = self.c_attn.weight.index_select(0, self.packed_rows)
         bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, self.packed_rows)
-        qf = F.linear(x, w[:2 * C], None if bias is None else bias[:2 * C]).view(B, T, H, 2, D)  # per head [q_h, k_h]
+        qk = F.linear(x, w[:2 * C], None if bias is None else bias[:2 * C]).view(B, T, H, 2 * D)  # q': [q_h, k_h]
         v = F.linear(x, w[2 * C:], None if bias is None else bias[2 * C:]).view(B, T, H, D)
-        ab = torch.stack([self.a, self.b], dim=-1).to(qf.dtype).view(1, 1, H, 2, 1)
-        kf = qf.flip(-2) * ab  # (B, T, H, 2, hs): [a k, b q], dense
-        # (B, nh, T, 2 hs) and (B, nh, T, hs) views of (B, T, H, .) tensors: cuDNN's output keeps that order too
-        return self.attend(qf.flatten(-2).transpose(1, 2), kf.flatten(-2).transpose(1, 2), v.transpose(1, 2))
+        return self.attend(*ra_operands_dense(qk, v, self.a, self.b))  # cuDNN's output keeps (B, T, H, .) order
 
     def forward(self, x):
         return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))

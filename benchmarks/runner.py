@@ -174,9 +174,11 @@ class Bench:
 
         self.guarded(rows, run)
 
-    def attn_function(self, section, group, setting, label, owner, where, default_mult, cfg, B, T, dims=None):
+    def attn_function(self, section, group, setting, label, owner, where, default_mult, cfg, B, T, dims=None,
+                      shapes=None):
         """dims: the head dims of the (q, k, v) inputs (default: cfg.head_dim each); the exact-RA bound
-        takes pre-built q', k' of head dim 2D. FLOPs count the head dim D = cfg.head_dim."""
+        takes pre-built q', k' of head dim 2D. shapes: instead, the function's inputs are projection outputs
+        of shape (B, T, *s) for each s in shapes (the span rows). FLOPs count the head dim D = cfg.head_dim."""
         rows = self.new_rows(section, group, setting, "function", label, ["fwd", "fwd+bwd"], ra_R=cfg.ra_R, T=T,
                              D=cfg.head_dim)
         dev, H, D = self.device, cfg.n_head, cfg.head_dim
@@ -193,6 +195,13 @@ class Bench:
                 mult = default_mult
             attn = 4 * B * H * T * T * D / 2 * mult
             t = lambda d, **kw: randn(B, H, T, d, device=dev, dtype=self.dtype, **kw)
+            if shapes:  # projection outputs in, (B, H, T, D) out
+                x = lambda s, **kw: randn(B, T, *s, device=dev, dtype=self.dtype, **kw)
+                inputs = [(tuple(x(s, requires_grad=True) for s in shapes), t(D)) for _ in range(self.args.n_inputs)]
+                for r in rows:
+                    r["params"].update(attn_flop_mult=mult, input_shapes=[list(x.shape) for x in inputs[0][0]])
+                self.time_passes(rows, lambda *xs: fn(*xs, ex), inputs, [ex["a"], ex["b"]], attn, 3.5 * attn)
+                return
             inputs = [(tuple(t(d, requires_grad=True) for d in dims), t(dims[2])) for _ in range(self.args.n_inputs)]
             for r in rows:  # head_dims: what was timed, read off the inputs
                 r["params"].update(attn_flop_mult=mult, head_dims=[x.size(-1) for x in inputs[0][0]])

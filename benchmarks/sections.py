@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from .variants import EXACT_FUNCTIONS, FUNCTIONS, head_selective_names, variant_names
+from .variants import EXACT_FUNCTIONS, FUNCTIONS, SPAN_FUNCTIONS, head_selective_names, variant_names
 
 
 def section_attn(bench, names, cfg, B, T):
@@ -62,7 +62,9 @@ def sweep_heads(bench, names, cfg, B, T):
 
 def sweep_exact(bench, names, cfg, B, T):
     """Exact RA against plain causal SDPA at T, 2T, 4T and head dims D, 2D (1024..4096 and 64, 128
-    by default), as bare functions; each (T, D) is its own group, so ratios are to sdpa at that T and D."""
+    by default), as bare functions; each (T, D) is its own group, so ratios are to sdpa at that T and D.
+    Then #17's span rows: from the projection's output(s) to the attention's output, for sdpa (q, k, v
+    views of one output) and ra_exact's dense operands (k' built inside); their ms ratio is the span's."""
     for t in (T, 2 * T, 4 * T):
         for d in (cfg.head_dim, 2 * cfg.head_dim):
             c = dataclasses.replace(cfg, n_embd=cfg.n_head * d, block_size=t)
@@ -70,6 +72,9 @@ def sweep_exact(bench, names, cfg, B, T):
                 dims = (2 * d, 2 * d, d) if label == "exact bound" else None  # pre-built q', k' (2D) and v (D)
                 bench.attn_function("sweep_exact", f"sweep_exact/T={t},D={d}", f"T={t} D={d}", label, owner, where,
                                     mult, c, B, t, dims)
+            for label, owner, fn, mult, shapes in SPAN_FUNCTIONS:
+                bench.attn_function("sweep_exact", f"sweep_exact/T={t},D={d}", f"T={t} D={d}", label, owner, fn,
+                                    mult, c, B, t, shapes=shapes(c.n_head, d))
 
 
 SWEEPS = {"R": sweep_R, "T": sweep_T, "heads": sweep_heads, "exact": sweep_exact}

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import attention
-from attention.functional import sdpa_causal
+from attention.functional import ra_operands_dense, sdpa_causal
 from model import GPT
 
 from .timing import randn
@@ -108,6 +108,26 @@ _by_label = {f[0]: f for f in FUNCTIONS}
 EXACT_FUNCTIONS = [_by_label["sdpa"],
                    ("exact bound", "ra_exact", lambda q, k, v, ex: exact_ra_bound(q, k, v, ex["backend"]), 1.5),
                    _by_label["reciprocal_attention"], _by_label["ctr_attention"]]
+
+# #17's span: from the projection's output to the attention's output, operand building included.
+# sdpa's: q, k, v as views of one (B, T, 3, H, D) projection output (the (B, T, 3C) of the modules);
+# ra_exact's (operands "dense"): q' (B, T, H, 2D) and v (B, T, H, D) from the projection, k' built from q'.
+# Each row: (label, owner, function of (inputs..., extras), default flop mult, input shapes after (B, T)).
+
+def sdpa_span(qkv, backend="auto"):
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
+    return sdpa_causal(q, k, v, backend=backend)
+
+
+def exact_span_dense(qk, v, a, b, backend="auto"):
+    return exact_ra_bound(*ra_operands_dense(qk, v, a, b), backend)
+
+
+SPAN_FUNCTIONS = [
+    ("sdpa span", "sdpa", lambda qkv, ex: sdpa_span(qkv, ex["backend"]), 1.0, lambda H, D: [(3, H, D)]),
+    ("exact span (dense)", "ra_exact", lambda qk, v, ex: exact_span_dense(qk, v, ex["a"], ex["b"], ex["backend"]),
+     1.5, lambda H, D: [(H, 2 * D), (H, D)]),
+]
 
 # functions that only run on a CUDA GPU: elsewhere their rows say skipped and why, instead of an error
 GPU_ONLY = {"ctr_attention": "the CTR kernel is a Triton GPU kernel (the ra_ctr module rows time its PyTorch path)"}

@@ -70,19 +70,20 @@ def test_bad_arguments_fail_before_any_work(capsys):
 
 
 def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
-    """--sweep exact: sdpa, the bound, the fold and CTR at each (T, D), ratios to that T and D's sdpa, exact RA
-    counted as 1.5x sdpa's FLOPs; and the bound, fed folded operands, computes exact RA itself."""
+    """--sweep exact: sdpa, the bound, the fold, CTR and the two span rows at each (T, D), ratios to that T and
+    D's sdpa, exact RA counted as 1.5x sdpa's FLOPs; the bound, fed folded operands, computes exact RA itself,
+    and the span rows, fed projection outputs, compute sdpa and exact RA."""
     import torch
 
-    from attention.functional import ra_operands, reciprocal_attention, reciprocal_attention_matmul
-    from benchmarks.variants import EXACT_FUNCTIONS, load_function
+    from attention.functional import ra_operands, reciprocal_attention, reciprocal_attention_matmul, sdpa_causal
+    from benchmarks.variants import EXACT_FUNCTIONS, SPAN_FUNCTIONS, load_function
 
     out = tmp_path / "b.json"
     assert bench.main(["--device", "cpu", "--sweep", "exact", "--B", "1", "--H", "2", "--T", "16", "--D", "8",
                        "--reps", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["section"] for r in rows} == {"sweep_exact"}
-    labels = ["sdpa", "exact bound", "reciprocal_attention", "ctr_attention"]
+    labels = ["sdpa", "exact bound", "reciprocal_attention", "ctr_attention", "sdpa span", "exact span (dense)"]
     for T in (16, 32, 64):
         for D in (8, 16):
             at = {(r["variant"], r["passes"]): r for r in rows if r["params"]["T"] == T and r["params"]["D"] == D}
@@ -92,8 +93,12 @@ def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
                     assert r["status"].startswith("skipped: no CUDA GPU") and r["ratio"] is None, r
                     continue
                 assert r["status"] == "ok" and r["ratio"] == pytest.approx(r["ms"] / at[("sdpa", p)]["ms"]), r
-                assert r["params"]["head_dims"] == ([2 * D, 2 * D, D] if v == "exact bound" else [D, D, D]), r
-                flops = 4 * 1 * 2 * T * T * D / 2 * (1.0 if v == "sdpa" else 1.5) * (3.5 if p == "fwd+bwd" else 1.0)
+                if "span" in v:  # projection outputs in: sdpa's (B, T, 3, H, D), ra_exact's q' and v
+                    assert r["params"]["input_shapes"] == ([[1, T, 3, 2, D]] if v == "sdpa span"
+                                                           else [[1, T, 2, 2 * D], [1, T, 2, D]]), r
+                else:
+                    assert r["params"]["head_dims"] == ([2 * D, 2 * D, D] if v == "exact bound" else [D, D, D]), r
+                flops = 4 * 1 * 2 * T * T * D / 2 * (1.0 if v.startswith("sdpa") else 1.5) * (3.5 if p == "fwd+bwd" else 1.0)
                 assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12), r
     printed = capsys.readouterr().out
     assert "| function | exact bound | T=64 D=16 | fwd+bwd |" in printed and "x sdpa" in printed
@@ -106,6 +111,13 @@ def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
     y = bound(*ra_operands(q, k, a, b), v, dict(backend="auto"))
     torch.testing.assert_close(y, reciprocal_attention(q, k, v, a, b), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, reciprocal_attention_matmul(q, k, v, a, b), rtol=1e-10, atol=1e-10)
+    # the span rows compute what they are named for, from projection outputs
+    span = {f[0]: f[2] for f in SPAN_FUNCTIONS}
+    qkv = torch.stack([q, k, v], dim=1).permute(0, 3, 1, 2, 4)  # (B, T, 3, H, D)
+    torch.testing.assert_close(span["sdpa span"](qkv, dict(backend="auto")), sdpa_causal(q, k, v), rtol=1e-12, atol=1e-12)
+    qk, vt = torch.cat([q, k], dim=-1).transpose(1, 2), v.transpose(1, 2)  # (B, T, H, 2D), (B, T, H, D)
+    y = span["exact span (dense)"](qk, vt, dict(a=a, b=b, backend="auto"))
+    torch.testing.assert_close(y, reciprocal_attention(q, k, v, a, b), rtol=1e-12, atol=1e-12)
 
 
 def test_roadmap_unfused_matches_its_formula():

@@ -28,6 +28,23 @@ def test_reciprocal_attention_matches_reference(D):
     torch.testing.assert_close(out32.double(), ref.detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_dense_operands_from_projection_outputs_match_reference():
+    """ra_operands_dense: q' and v as projection outputs dense in (B, T, H, .) order; the folded attention over
+    what it returns is exact RA (outputs and gradients of the projection outputs, a and b), and its operands
+    keep that order (what lets cuDNN return the gradients in the projection's layout)."""
+    B, H, T, D = 2, 3, 77, 32
+    qk = rand(B, T, H, 2 * D, seed=0).requires_grad_()  # per head [q_h, k_h]
+    v = rand(B, T, H, D, seed=1).requires_grad_()
+    a = (torch.rand(H, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.rand(H, dtype=torch.float64) - 0.5).requires_grad_()
+    qf, kf, vh = AF.ra_operands_dense(qk, v, a, b)
+    assert qf.shape == kf.shape == (B, H, T, 2 * D) and vh.shape == (B, H, T, D)
+    assert all(t.transpose(1, 2).is_contiguous() for t in (qf, kf, vh))
+    out = AF.folded_attention(qf, kf, vh, D ** -0.5)
+    q, k = qk[..., :D].transpose(1, 2), qk[..., D:].transpose(1, 2)
+    assert_close_with_grads(out, ref_exact(q, k, v.transpose(1, 2), a, b), (qk, v, a, b))
+
+
 def test_reciprocal_attention_falls_back_under_a_backend_that_refuses_the_shape():
     q, k, v = (rand(1, 3, 77, 32, seed=i).float() for i in range(3))
     a, b = torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.3, -0.2, 0.0])
