@@ -26,7 +26,12 @@ Two attention calls, grouped by routing, so that plain heads cost plain attentio
   and each group's q, k, v are views of its output; the output projection's weight columns are gathered
   in the same order, so the heads' outputs are concatenated in group order and never put back (heads()
   does, for inspection). Weight-sized gathers per forward (4 C^2), against 4 B T C for gathering the
-  activations. Not yet timed on a GPU.
+  activations. With ra_exact_operands=dense (the default, as ra_exact's) the projection is two products:
+  the RA group's q' = [q_h, k_h] per head, dense in (B, T, K, 2 hs) order (ra_exact.py says why), and
+  the plain group's q, k, v with the RA group's v; both outputs stay in (B, T, ., hs) order, so they
+  are concatenated there and the output projection reads them without a transpose. cat: one product,
+  ra_exact's cat operands for the RA group. On a GPU only the cat path has been timed, as an eager module
+  (docs/bench.md).
   The head order is a device tensor (argsort of the routing: no host sync); only the group sizes are
   host ints, and they must be: a shape. n_ra is a capacity, an upper bound on the RA heads, fixed
   when the routing is refreshed on the host side: n_head at construction, the stored routing's count
@@ -50,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention.functional import merge_heads, sdpa_causal, split_heads
+from attention.functional import merge_heads, ra_operands_dense, sdpa_causal, split_heads
 from attention.ra_exact import ExactRA, perturb_ab_
 from attention.ra_headsel import HeadSelRA
 
@@ -133,6 +138,8 @@ class ExactHeadSelRA(ExactRA):
         b = torch.where(on, self.w_rec * self.b, torch.zeros_like(self.b))  # (nh,) b', 0 on plain heads
         K = self.n_ra
         if K >= self.n_head:  # every head in the folded call
+            if self.operands == "dense":
+                return self.grouped_dense(x, self.c_attn.weight, self.c_attn.bias, K, self.a, b), None
             q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
             return self.exact(q, k, v, self.a, b), None
         # the projection emits the heads in group order, with a folded into the plain heads' q rows: weight-sized
@@ -145,12 +152,38 @@ class ExactHeadSelRA(ExactRA):
         scale = torch.cat([a_plain.repeat_interleave(D), a.new_ones(2 * C)]).to(self.c_attn.weight.dtype)  # (3C,)
         w = self.c_attn.weight.index_select(0, rows) * scale.view(-1, 1)  # (3C, C)
         bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, rows) * scale
+        if self.operands == "dense" and K > 0:
+            return self.grouped_dense(x, w, bias, K, a[:K], b[order[:K]]), order
         q, k, v = split_heads(F.linear(x, w, bias), self.n_head)  # each (B, nh, T, hs), group order
         ys = []
         if K > 0:
             ys.append(self.exact(q[:, :K], k[:, :K], v[:, :K], a[:K], b[order[:K]]))  # (B, K, T, hs)
         ys.append(sdpa_causal(q[:, K:], k[:, K:], v[:, K:], backend=self.backend))  # (B, nh - K, T, hs): a q in q
         return torch.cat(ys, dim=1), order
+
+    def grouped_dense(self, x, w, bias, K, a, b):
+        """grouped()'s two calls with ra_exact's dense operands (ra_exact_operands=dense): w, bias are c_attn's
+        rows in group order ([q | k | v], a folded into the plain q rows); the RA group's q' = [q_h, k_h] per
+        head comes from its own product, dense in (B, T, K, 2 hs) order, the plain group's q, k, v and the RA
+        group's v from a second one. Returns (B, nh, T, hs), group order, a view of a (B, T, nh, hs) tensor."""
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        ra_q = torch.arange(K * D, device=w.device).view(K, D)  # the RA heads' q rows in w
+        rows_qk = torch.stack([ra_q, ra_q + C], dim=1).reshape(-1)  # (2 K hs,): per RA head [q_h | k_h]
+        plain = torch.arange(K * D, C, device=w.device)
+        rows_rest = torch.cat([plain, plain + C, plain + 2 * C, ra_q.reshape(-1) + 2 * C])  # plain q, k, v; RA v
+        pick = lambda rows: (w.index_select(0, rows), None if bias is None else bias.index_select(0, rows))  # noqa: E731
+        qk = F.linear(x, *pick(rows_qk)).view(B, T, K, 2 * D)
+        rest = F.linear(x, *pick(rows_rest))  # (B, T, 3 (nh - K) hs + K hs)
+        P = (H - K) * D
+        q, k, v = (rest[..., i * P:(i + 1) * P].view(B, T, H - K, D).transpose(1, 2) for i in range(3))
+        y_ra = self.attend(*ra_operands_dense(qk, rest[..., 3 * P:].view(B, T, K, D), a, b))  # (B, K, T, hs)
+        if K == H:
+            return y_ra
+        y_plain = sdpa_causal(q, k, v, backend=self.backend)  # (B, nh - K, T, hs)
+        # both outputs are in (B, T, ., hs) order (cuDNN's follows its inputs'): concatenated in that order, the
+        # output projection's merge_heads is then a view
+        return torch.cat([y_ra.transpose(1, 2), y_plain.transpose(1, 2)], dim=2).transpose(1, 2)
 
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs) in head order, before the output projection."""

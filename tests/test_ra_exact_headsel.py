@@ -28,10 +28,12 @@ def reference(mod, x, mask):
     return ref_exact(q, k, v, mod.a, b)
 
 
+@pytest.mark.parametrize("operands", ["dense", "cat"])
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("R" if r else "p" for r in m))
-def test_each_head_is_plain_or_exact_ra_against_float64_reference(mask):
+def test_each_head_is_plain_or_exact_ra_against_float64_reference(mask, operands):
+    # dense (the default): the RA group's q' from its own projection, in (B, T, H, .) order; cat: ra_exact's cat
     mask = torch.tensor(mask)
-    mod = module64()
+    mod = module64(ra_exact_operands=operands)
     with torch.no_grad():
         a, b, s_rec = mod.a.clone(), mod.b.clone(), mod.s_rec.clone()
     mod.set_heads_mask(mask)
@@ -60,15 +62,17 @@ def test_each_head_is_plain_or_exact_ra_against_float64_reference(mask):
         assert ((g != 0) == mask).all(), (g, mask)
 
 
-def test_grouped_forward_without_projection_bias():
-    mod = module64(bias=False)
+@pytest.mark.parametrize("operands", ["dense", "cat"])
+def test_grouped_forward_without_projection_bias(operands):
+    mod = module64(bias=False, ra_exact_operands=operands)
     mask = torch.tensor(MASKS[0])
     mod.set_heads_mask(mask)
     x = rand(1, 11, C, seed=4)
     torch.testing.assert_close(mod(x), mod.c_proj(merge_heads(reference(mod, x, mask))), **TOL64)
 
 
-def test_plain_heads_leave_the_folded_call(monkeypatch):
+@pytest.mark.parametrize("operands", ["dense", "cat"])
+def test_plain_heads_leave_the_folded_call(monkeypatch, operands):
     # the speed claim: the folded (2D-head-dim) call sees only the RA group, plain SDPA the rest
     seen = []
 
@@ -79,10 +83,10 @@ def test_plain_heads_leave_the_folded_call(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(EH, "sdpa_causal", spy(EH.sdpa_causal, "plain"))
-    mod = module64()
-    monkeypatch.setattr(mod, "exact", spy(mod.exact, "ra"))  # ra_exact's folded call
+    mod = module64(ra_exact_operands=operands)
+    monkeypatch.setattr(mod, "attend", spy(mod.attend, "ra"))  # ra_exact's folded call: q' of head dim 2 hs
     x = rand(1, 9, C)
-    for mask, want in ((MASKS[0], [("ra", 2, 24), ("plain", 2, 24)]), (MASKS[2], [("ra", 4, 24)]),
+    for mask, want in ((MASKS[0], [("ra", 2, 48), ("plain", 2, 24)]), (MASKS[2], [("ra", 4, 48)]),
                        (MASKS[3], [("plain", 4, 24)])):
         seen.clear()
         mod.set_heads_mask(torch.tensor(mask))
@@ -145,11 +149,12 @@ def test_starts_at_sdpa_and_the_gate_comes_alive_once_b_moves():
     torch.testing.assert_close(mod.s_rec.grad, mod.l1 * 2 * mod.s_rec.detach() / H)
 
 
+@pytest.mark.parametrize("operands", ["dense", "cat"])
 @pytest.mark.parametrize("mask", [MASKS[0], MASKS[2]], ids=["grouped", "all_ra"])
-def test_compiles_fullgraph_with_groups(mask):
+def test_compiles_fullgraph_with_groups(mask, operands):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    mod = attention.build(NAME, mod_cfg(ra_route_every=3))
+    mod = attention.build(NAME, mod_cfg(ra_route_every=3, ra_exact_operands=operands))
     mod.perturb_gates_(torch.Generator().manual_seed(1))
     mod.set_heads_mask(torch.tensor(mask))
     x = torch.randn(2, 21, C, requires_grad=True)
