@@ -139,7 +139,7 @@ def train(tc, mc, notes, given, cleanup):
 
         with torch.cuda.stream(graph_stream) if graph_stream else nullcontext():
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        bucket_cap_mb=tc.ddp_bucket_mb)
+                        bucket_cap_mb=tc.ddp_bucket_mb, gradient_as_bucket_view=tc.ddp_bucket_view)
         if tc.compile and compile_after_ddp:
             model = torch.compile(model)
     # one optimizer step's micro-batches, in fixed device buffers (a CUDA graph reads fixed tensors; one

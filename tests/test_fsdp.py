@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("flags, says", [
     ({"cuda_graph": True}, "--fsdp with --cuda-graph"),
     ({"ddp_overlap": True}, "--fsdp with --ddp-overlap"),
+    ({"ddp_bucket_view": True}, "--fsdp with --ddp-bucket-view"),
     ({"dtype": "float16"}, "--fsdp with --dtype float16"),
     ({"device": "mps"}, "not on mps"),
 ])

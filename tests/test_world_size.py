@@ -127,13 +127,14 @@ def test_two_processes_log_what_one_process_with_twice_the_accumulation_logs(cor
 
 
 @pytest.mark.slow
-def test_ddp_overlap_logs_what_one_process_logs(corpus, single):
+def test_ddp_overlap_and_bucket_views_log_what_one_process_logs(corpus, single):
     # --compile --ddp-overlap: torch.compile around DDP, the graph cut at DDP's buckets (1 MB: several, in the
-    # tiny model) with each bucket's all-reduce inside the compiled backward; the same training as one process
-    # up to the compiled kernels' float rounding
+    # tiny model) with each bucket's all-reduce inside the compiled backward; --ddp-bucket-view: the gradients
+    # are views of DDP's buckets (set to None between steps, views again at the next backward); the same
+    # training as one process up to the compiled kernels' float rounding
     out, (ref_loss, ref_val) = single
     p = train(["--run-name", "overlap", "--grad-accum", "1", "--max-steps", "20", "--compile", "--ddp-overlap",
-               "--ddp-bucket-mb", "1"], corpus, out, nproc=2)
+               "--ddp-bucket-mb", "1", "--ddp-bucket-view"], corpus, out, nproc=2)
     assert "ddp: parameters identical across 2 ranks" in p.stdout
     loss, val = losses(out, "overlap")
     assert sorted(loss) == LOGGED

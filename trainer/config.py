@@ -53,6 +53,7 @@ class TrainConfig:  # every field is a flag; what each does: HELP below
     fsdp: bool = False
     ddp_bucket_mb: int = 25
     ddp_overlap: bool = False
+    ddp_bucket_view: bool = False
     device: str = "auto"
     dtype: str = "auto"
     wandb: bool = False
@@ -100,6 +101,8 @@ HELP = {
     "ddp_overlap": "with --compile under torchrun: compile around DDP, so that dynamo splits the compiled graph at "
                    "DDP's buckets and each bucket's all-reduce overlaps the rest of the backward (default: DDP "
                    "around the compiled model, whose backward hands DDP every gradient at its end; docs/ddp.md)",
+    "ddp_bucket_view": "DDP's gradient_as_bucket_view: the gradients live in DDP's buckets, so no copy into and out "
+                       "of them per step (docs/ddp.md)",
     "device": "auto, cuda, cuda:N, mps or cpu",
     "dtype": "auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float16 or float32",
     "wandb": "log to Weights & Biases (offline without an API key)",
@@ -291,9 +294,10 @@ def check_config(tc, mc):
 
 def check_fsdp(tc):
     """--fsdp with an option it cannot run with: an error now, not a failure some steps in."""
-    if tc.ddp_overlap:
-        raise ValueError("--fsdp with --ddp-overlap: FSDP does not use DDP (its collectives already overlap per "
-                         "Block); drop --ddp-overlap")
+    for flag_name in ("ddp_overlap", "ddp_bucket_view"):
+        if getattr(tc, flag_name):
+            raise ValueError(f"--fsdp with {flag(flag_name)}: FSDP does not use DDP (its collectives already overlap "
+                             f"per Block); drop {flag(flag_name)}")
     if tc.cuda_graph:
         raise ValueError("--fsdp with --cuda-graph: the graph would have to capture FSDP's per-block all-gathers and "
                          "reduce-scatters, which is not done here; drop one of them")
