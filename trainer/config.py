@@ -7,7 +7,6 @@ Values resolve as: dataclass default < preset < command line.
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
