@@ -20,8 +20,7 @@ rows gathered per forward into the order [q_0, k_0, q_1, k_1, ..., v] (the param
 last C, so that q' and v are each dense in (B, T, H, .) order; k' = [a k, b q] is q' with its two
 halves swapped and scaled, one pass, in the same order. cuDNN allocates its output and its gradients
 in the order of its inputs, so the projection's gradient comes back in the projection's own layout
-and is assembled without a transpose (on an H200 the step costs 1.11x sdpa's against 1.13x for
-"cat", docs/bench.md). "cat" builds q' = [q, k] and k' = [a k, b q] from the views q, k of one
+and is assembled without a transpose (the faster of the two on an H200: docs/bench.md). "cat" builds q' = [q, k] and k' = [a k, b q] from the views q, k of one
 (B, T, 3C) projection output (two copies forward; their gradients are split back): the plain form.
 Same function, same gradients.
 
