@@ -7,6 +7,9 @@
 #
 #   bash tools/gpu_check.sh            # over 10 min on 2 H200s (its pytest phase alone: 7+); a PASS/FAIL line per check, last
 #   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
+#   CHECKS="ctr_kernel ddp_graph" bash tools/gpu_check.sh         # only these checks (names as printed)
+#   FILES="tests/test_train.py tests/test_bench.py" CHECKS=pytest bash tools/gpu_check.sh   # these test files
+# (CHECKS and FILES split it over several shorter sessions, e.g. a device call's 10-minute limit.)
 # Logs go to $LOGS (default runs/gpu-check/), the suite's per test file in $LOGS/pytest/.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast off (README)
@@ -18,8 +21,10 @@ if [ "$NGPU" -lt 1 ]; then
     echo "gpu_check: no CUDA GPU visible (torch.cuda.device_count() == 0); run it on a GPU machine"; exit 2
 fi
 results=()
-check() {  # name, command...: run it, log to $LOGS/name.log, remember PASS/FAIL
+CHECKS=${CHECKS:-all}
+check() {  # name, command...: run it, log to $LOGS/name.log, remember PASS/FAIL (only the names in $CHECKS)
     local name=$1; shift
+    if [ "$CHECKS" != all ] && [[ " $CHECKS " != *" $name "* ]]; then return; fi
     echo "== $name: $*"
     if "$@" > "$LOGS/$name.log" 2>&1; then results+=("PASS $name"); else results+=("FAIL $name (see $LOGS/$name.log)"); fi
     tail -n 3 "$LOGS/$name.log"
@@ -32,14 +37,17 @@ pytest_files() {
     local marker=() rc=0
     [ -n "${QUICK:-}" ] && marker=(-m "not slow")
     mkdir -p "$LOGS/pytest"
-    ls tests/test_*.py | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
+    ls ${FILES:-tests/test_*.py} | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
         -p no:cacheprovider --basetemp="$0/tmp-$n" "$@" {} > "$0/$n.log" 2>&1; echo "$? {}"' \
         "$LOGS/pytest" "${marker[@]}" > "$LOGS/pytest/rc.txt"
     sort -k2 "$LOGS/pytest/rc.txt"
-    tail -qn 1 "$LOGS"/pytest/test_*.log
+    # this run's files only (an earlier run's logs may lie beside them)
+    local logs=$(awk -v d="$LOGS/pytest" '{n = $2; sub(/.*\//, "", n); sub(/\.py$/, "", n); print d "/" n ".log"}' \
+        "$LOGS/pytest/rc.txt")
+    tail -qn 1 $logs
     # exit 5: every test of the file deselected (QUICK)
     awk '$1 != 0 && $1 != 5 {bad = 1} END {exit bad}' "$LOGS/pytest/rc.txt" || rc=1
-    grep -h "^FAILED\|^ERROR" "$LOGS"/pytest/test_*.log
+    grep -h "^FAILED\|^ERROR" $logs
     return $rc
 }
 check pytest pytest_files
