@@ -29,8 +29,9 @@ import torch
 import attention
 from model import GPT
 from trainer import fsdp
-from trainer.common import (gather_objects, init_device, lr_at, mean_over_ranks_, peak_flops, replicas_agree,
-                            rng_state, set_rng_state, stop_on_signals)
+from trainer.common import (gather_objects, gpt_params_floor, init_device, lr_at, mean_over_ranks_,
+                            memory_shortfall, peak_flops, replicas_agree, rng_state, set_rng_state,
+                            stop_on_signals)
 from trainer.config import TrainConfig, parse_args, resolve_config  # noqa: F401  (train.X callers)
 from trainer.runs import (RunError, RunLog, cut_log, ensure_data, global_loader_state, open_run, open_splits,
                           save_checkpoint, write_atomic)
@@ -63,6 +64,8 @@ def train(tc, mc, notes, given, cleanup):
     from data.loader import load_meta
 
     mc.vocab_size = load_meta(data_dir)["vocab_size"]
+    if device.type == "cuda":  # a model whose training state cannot fit: an error now, not an OOM mid-build
+        check_memory(mc, tc, device, world, ddp)
     # pinned host batches make the copy truly asynchronous; a pageable copy would sync the host every step
     loader, val_loader = open_splits(data_dir, tc, mc, rank, world, pin_memory=device.type == "cuda")
     if master:
@@ -281,6 +284,20 @@ def train(tc, mc, notes, given, cleanup):
         dist.barrier()
         dist.destroy_process_group()
     return 0 if status != "non-finite loss" else 1
+
+
+def check_memory(mc, tc, device, world, ddp):
+    """RunError if the model's training state (trainer.common.state_bytes_per_gpu) exceeds the free memory of
+    the fullest GPU of the run (every rank decides alike)."""
+    n_params = gpt_params_floor(mc)
+    free = torch.tensor([float(torch.cuda.mem_get_info(device)[0])], device=device)
+    if ddp:
+        import torch.distributed as dist
+
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    why = memory_shortfall(n_params, free.item(), world, tc, tc.preset)
+    if why:
+        raise RunError(why)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,38 @@ def test_help_describes_every_flag_with_the_presets_values():
     assert "context length in tokens (preset gpt2-124m: 1024)" in " ".join(p.stdout.split())
 
 
+def test_memory_check_names_what_does_not_fit():
+    """A GPU run whose training state alone (16 bytes per parameter, 4 more for DDP's buckets, sharded under
+    --fsdp) exceeds the free memory stops before building the model, saying what it needs and what fits; the
+    parameter floor it uses is below every variant's real count."""
+    import attention
+    from model import GPT, GPTConfig
+    from trainer.common import gpt_params_floor, memory_shortfall
+    from trainer.config import TrainConfig
+
+    gib = 2 ** 30
+    assert memory_shortfall(1e9, 15 * gib, 1, TrainConfig(), "x") is None  # 14.9 GiB
+    msg = memory_shortfall(1e9, 10 * gib, 1, TrainConfig(), "gpt2-1b")
+    assert "--preset gpt2-1b" in msg and "needs 14.9 GiB per GPU" in msg and "10.0 GiB are free" in msg, msg
+    assert "--fsdp on N GPUs it is 14.9 GiB / N" in msg
+    assert "needs 18.6 GiB" in memory_shortfall(1e9, 15 * gib, 2, TrainConfig(), "x")  # DDP's buckets
+    assert memory_shortfall(1e9, 15 * gib, 2, TrainConfig(ddp_bucket_view=True), "x") is None  # no bucket copy
+    assert memory_shortfall(1e9, 8 * gib, 2, TrainConfig(fsdp=True), "x") is None  # 7.5 GiB per GPU
+    for name in attention.names():
+        mc = GPTConfig(attn=name, n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=300, bias=False)
+        with torch.random.fork_rng():
+            assert gpt_params_floor(mc) <= sum(p.numel() for p in GPT(mc).parameters()), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory check reads a CUDA GPU's free memory")
+def test_a_model_too_big_for_the_gpu_stops_before_any_work(tmp_path):
+    synthetic = {"dataset": "synthetic-recall", "data_root": str(tmp_path / "data")}  # no `datasets` needed
+    p = run_train(["--device", "cuda", "--n-layer", "64", "--n-head", "128", "--n-embd", "16384", "--max-steps", "1"],
+                  synthetic, tmp_path, check=False)
+    assert p.returncode != 0 and "does not fit: its training state alone needs" in p.stderr, p.stderr[-2000:]
+    assert "| loss" not in p.stdout and "Traceback" not in p.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--attn", "nope"], "unknown attention 'nope'; valid names"),
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),

@@ -80,6 +80,38 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e
               "L40S": 362e12, "RTX 4090": 165e12}
 
 
+def gpt_params_floor(mc):
+    """A floor on a GPT's parameter count from its config alone (building one draws from the RNG): the token
+    and position embeddings (the head is tied) and 12 C^2 per layer (attention 4 C^2, MLP 8 C^2); biases,
+    norms and the variants' gates are left out."""
+    return (mc.vocab_size + mc.block_size) * mc.n_embd + 12 * mc.n_layer * mc.n_embd ** 2
+
+
+def state_bytes_per_gpu(n_params, world, fsdp, ddp_buckets):
+    """A floor on one GPU's training state in bytes: fp32 parameters, gradients and AdamW's two moments, 16
+    bytes per parameter (sharded over the ranks under --fsdp), plus DDP's fp32 gradient buckets, 4 bytes per
+    parameter (ddp_buckets: DDP without --ddp-bucket-view). Activations come on top of it."""
+    return 16 * n_params / (world if fsdp else 1) + (4 * n_params if ddp_buckets else 0)
+
+
+def memory_shortfall(n_params, free_bytes, world, tc, preset):
+    """The error message for a model whose training state alone does not fit one GPU's free memory (None if
+    it fits): what it needs, what is free, and what would fit."""
+    ddp_buckets = world > 1 and not tc.fsdp and not tc.ddp_bucket_view
+    need = state_bytes_per_gpu(n_params, world, tc.fsdp, ddp_buckets)
+    if need <= free_bytes:
+        return None
+    gib = 2 ** 30
+    hint = (f"with --fsdp on N GPUs it is {16 * n_params / gib:.1f} GiB / N" if not tc.fsdp
+            else "more GPUs divide it further")
+    return (f"--preset {preset} (at least {n_params / 1e6:.0f}M parameters) does not fit: its training state alone "
+            f"needs {need / gib:.1f} GiB per GPU (fp32 parameters, gradients and AdamW moments, 16 bytes per "
+            f"parameter{', sharded over ' + str(world) + ' ranks' if tc.fsdp else ''}"
+            f"{', plus 4 for DDP gradient buckets' if ddp_buckets else ''}), and {free_bytes / gib:.1f} GiB are free on "
+            f"the GPU; activations come on top. Use a smaller preset, or shard it: {hint} "
+            f"(torchrun --nproc_per_node=N train.py --fsdp ...)")
+
+
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of a CUDA device from PEAK_FLOPS, None for any other."""
     if device.type != "cuda":
