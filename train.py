@@ -29,7 +29,7 @@ import torch
 import attention
 from model import GPT
 from trainer import fsdp
-from trainer.common import (gather_objects, gpt_params_floor, init_device, lr_at, mean_over_ranks_,
+from trainer.common import (exit_process, gather_objects, gpt_params_floor, init_device, lr_at, mean_over_ranks_,
                             memory_shortfall, peak_flops, replicas_agree, rng_state, set_rng_state,
                             stop_on_signals)
 from trainer.config import TrainConfig, parse_args, resolve_config  # noqa: F401  (train.X callers)
@@ -302,6 +302,7 @@ def check_memory(mc, tc, device, world, ddp):
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        status = main()
     except RunError as e:
         sys.exit(f"error: {e}")
+    exit_process(status)  # under torchrun: past the interpreter's teardown (trainer/common.py says why)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attention  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from trainer import fsdp  # noqa: E402
+from trainer.common import exit_process  # noqa: E402
 
 
 def check(name):
@@ -54,7 +55,7 @@ def main():
     # machine saw both ranks abort at exit ("terminate called without an active exception")
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(1 if failed else 0)
+    exit_process(1 if failed else 0)  # (and past the interpreter's teardown, where a gloo rank can still abort)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT  # noqa: E402
 from trainer import fsdp  # noqa: E402
-from trainer.common import init_device  # noqa: E402
+from trainer.common import exit_process, init_device  # noqa: E402
 from trainer.config import parse_args  # noqa: E402
 from trainer.step import TrainStep, launcher  # noqa: E402
 
@@ -302,4 +302,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
