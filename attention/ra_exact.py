@@ -20,9 +20,9 @@ rows gathered per forward into the order [q_0, k_0, q_1, k_1, ..., v] (the param
 last C, so that q' and v are each dense in (B, T, H, .) order; k' = [a k, b q] is q' with its two
 halves swapped and scaled, one pass, in the same order. cuDNN allocates its output and its gradients
 in the order of its inputs, so the projection's gradient comes back in the projection's own layout
-and is assembled without a transpose (the faster of the two on an H200: docs/bench.md). "cat" builds q' = [q, k] and k' = [a k, b q] from the views q, k of one
-(B, T, 3C) projection output (two copies forward; their gradients are split back): the plain form.
-Same function, same gradients.
+and is assembled without a transpose (the faster of the two on an H200: docs/bench.md). "cat"
+builds q' = [q, k] and k' = [a k, b q] from the views q, k of one (B, T, 3C) projection output (two
+copies forward; their gradients are split back): the plain form. Same function, same gradients.
 
 a, b: learnable per head, unconstrained (a negative b, "anti-reciprocal", is allowed:
 the folded product needs no square root). Init a = ra_w_std_init (default 1), b = ra_b_init
@@ -89,7 +89,7 @@ class ExactRA(nn.Module):
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs), before the output projection."""
         if self.operands == "dense":
-            return self.heads_dense(x)
+            return self.heads_dense(x, self.a, self.b)
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
         return self.exact(q, k, v, self.a, self.b)
 
@@ -105,15 +105,15 @@ class ExactRA(nn.Module):
         with backend_context(self.backend):
             return attend(qf, kf, v, v.size(-1) ** -0.5)
 
-    def heads_dense(self, x):
-        """heads() with q', k', v each dense in (B, T, H, .) order (ra_exact_operands=dense)."""
+    def heads_dense(self, x, a, b):
+        """heads() with q', k', v each dense in (B, T, H, .) order (ra_exact_operands=dense), weights a, b (nh,)."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         w = self.c_attn.weight.index_select(0, self.packed_rows)
         bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, self.packed_rows)
         qk = F.linear(x, w[:2 * C], None if bias is None else bias[:2 * C]).view(B, T, H, 2 * D)  # q': [q_h, k_h]
         v = F.linear(x, w[2 * C:], None if bias is None else bias[2 * C:]).view(B, T, H, D)
-        return self.attend(*ra_operands_dense(qk, v, self.a, self.b))  # cuDNN's output keeps (B, T, H, .) order
+        return self.attend(*ra_operands_dense(qk, v, a, b))  # cuDNN's output keeps (B, T, H, .) order
 
     def forward(self, x):
         return self.resid_dropout(self.c_proj(merge_heads(self.heads(x))))

@@ -139,7 +139,7 @@ class ExactHeadSelRA(ExactRA):
         K = self.n_ra
         if K >= self.n_head:  # every head in the folded call
             if self.operands == "dense":
-                return self.grouped_dense(x, self.c_attn.weight, self.c_attn.bias, K, self.a, b), None
+                return self.heads_dense(x, self.a, b), None  # ra_exact's dense path, with b'
             q, k, v = split_heads(self.c_attn(x), self.n_head)  # each (B, nh, T, hs)
             return self.exact(q, k, v, self.a, b), None
         # the projection emits the heads in group order, with a folded into the plain heads' q rows: weight-sized
@@ -150,10 +150,10 @@ class ExactHeadSelRA(ExactRA):
         a_plain = torch.where(torch.arange(self.n_head, device=a.device) >= K, a, torch.ones_like(a))  # 1 on the RA group
         rows = torch.cat([self.channels(order) + i * C for i in range(3)])  # (3C,) [q | k | v] rows, group order
         scale = torch.cat([a_plain.repeat_interleave(D), a.new_ones(2 * C)]).to(self.c_attn.weight.dtype)  # (3C,)
+        if self.operands == "dense" and K > 0:
+            return self.grouped_dense(x, rows, scale, K, a[:K], b[order[:K]]), order
         w = self.c_attn.weight.index_select(0, rows) * scale.view(-1, 1)  # (3C, C)
         bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, rows) * scale
-        if self.operands == "dense" and K > 0:
-            return self.grouped_dense(x, w, bias, K, a[:K], b[order[:K]]), order
         q, k, v = split_heads(F.linear(x, w, bias), self.n_head)  # each (B, nh, T, hs), group order
         ys = []
         if K > 0:
@@ -161,25 +161,29 @@ class ExactHeadSelRA(ExactRA):
         ys.append(sdpa_causal(q[:, K:], k[:, K:], v[:, K:], backend=self.backend))  # (B, nh - K, T, hs): a q in q
         return torch.cat(ys, dim=1), order
 
-    def grouped_dense(self, x, w, bias, K, a, b):
-        """grouped()'s two calls with ra_exact's dense operands (ra_exact_operands=dense): w, bias are c_attn's
-        rows in group order ([q | k | v], a folded into the plain q rows); the RA group's q' = [q_h, k_h] per
-        head comes from its own product, dense in (B, T, K, 2 hs) order, the plain group's q, k, v and the RA
-        group's v from a second one. Returns (B, nh, T, hs), group order, a view of a (B, T, nh, hs) tensor."""
+    def grouped_dense(self, x, rows, scale, K, a, b):
+        """grouped()'s two calls, 0 < K < nh, with ra_exact's dense operands (ra_exact_operands=dense): rows, scale
+        are c_attn's rows in group order ([q | k | v]) and their factors (a on the plain q rows). The RA group's
+        q' = [q_h, k_h] per head comes from its own product, dense in (B, T, K, 2 hs) order, the plain group's
+        q, k, v and the RA group's v from a second one; each gathers its weight rows once. Returns (B, nh, T, hs),
+        group order, a view of a (B, T, nh, hs) tensor."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
-        ra_q = torch.arange(K * D, device=w.device).view(K, D)  # the RA heads' q rows in w
-        rows_qk = torch.stack([ra_q, ra_q + C], dim=1).reshape(-1)  # (2 K hs,): per RA head [q_h | k_h]
-        plain = torch.arange(K * D, C, device=w.device)
-        rows_rest = torch.cat([plain, plain + C, plain + 2 * C, ra_q.reshape(-1) + 2 * C])  # plain q, k, v; RA v
-        pick = lambda rows: (w.index_select(0, rows), None if bias is None else bias.index_select(0, rows))  # noqa: E731
-        qk = F.linear(x, *pick(rows_qk)).view(B, T, K, 2 * D)
-        rest = F.linear(x, *pick(rows_rest))  # (B, T, 3 (nh - K) hs + K hs)
+        ra_q = torch.arange(K * D, device=rows.device).view(K, D)  # the RA heads' q rows, positions in `rows`
+        at_qk = torch.stack([ra_q, ra_q + C], dim=1).reshape(-1)  # (2 K hs,): per RA head [q_h | k_h]
+        plain = torch.arange(K * D, C, device=rows.device)
+        at_rest = torch.cat([plain, plain + C, plain + 2 * C, ra_q.reshape(-1) + 2 * C])  # plain q, k, v; RA v
+        weight, bias = self.c_attn.weight, self.c_attn.bias
+
+        def pick(at):  # c_attn's rows at those positions of `rows`, times their factors
+            r, f = rows[at], scale[at]
+            return weight.index_select(0, r) * f.view(-1, 1), None if bias is None else bias.index_select(0, r) * f
+
+        qk = F.linear(x, *pick(at_qk)).view(B, T, K, 2 * D)
+        rest = F.linear(x, *pick(at_rest))  # (B, T, 3 (nh - K) hs + K hs)
         P = (H - K) * D
         q, k, v = (rest[..., i * P:(i + 1) * P].view(B, T, H - K, D).transpose(1, 2) for i in range(3))
         y_ra = self.attend(*ra_operands_dense(qk, rest[..., 3 * P:].view(B, T, K, D), a, b))  # (B, K, T, hs)
-        if K == H:
-            return y_ra
         y_plain = sdpa_causal(q, k, v, backend=self.backend)  # (B, nh - K, T, hs)
         # both outputs are in (B, T, ., hs) order (cuDNN's follows its inputs'): concatenated in that order, the
         # output projection's merge_heads is then a view

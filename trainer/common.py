@@ -120,8 +120,8 @@ def memory_shortfall(n_params, free_bytes, world, tc, preset):
     return (f"--preset {preset} (at least {n_params / 1e6:.0f}M parameters) does not fit: its training state alone "
             f"needs {need / gib:.1f} GiB per GPU (fp32 parameters, gradients and AdamW moments, 16 bytes per "
             f"parameter{', sharded over ' + str(world) + ' ranks' if tc.fsdp else ''}"
-            f"{', plus 4 for DDP gradient buckets' if ddp_buckets else ''}), and {free_bytes / gib:.1f} GiB are free on "
-            f"the GPU; activations come on top. Use a smaller preset, or shard it: {hint} "
+            f"{', plus 4 for DDP gradient buckets' if ddp_buckets else ''}), and {free_bytes / gib:.1f} GiB are "
+            f"free on the GPU; activations come on top. Use a smaller preset, or shard it: {hint} "
             f"(torchrun --nproc_per_node=N train.py --fsdp ...)")
 
 

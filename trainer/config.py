@@ -92,7 +92,8 @@ HELP = {
     "resume": "continue the run in <out-dir>/<run-name> from its ckpt.pt, with its saved config",
     "overwrite": "start a new run in a folder that holds one: the old run is moved to <run-name>.old-N first",
     "compile": "torch.compile the model (with --fsdp: each Block's forward, before sharding)",
-    "cuda_graph": "replay each optimizer step as one CUDA graph, under torchrun DDP's all-reduce included (see cuda_graph.py)",
+    "cuda_graph": "replay each optimizer step as one CUDA graph, under torchrun DDP's all-reduce included (see "
+                  "cuda_graph.py)",
     "fsdp": "shard the parameters, gradients and optimizer state over the processes (FSDP2; under torchrun or "
             "in one process; checkpoints through torch.distributed.checkpoint; docs/ddp.md)",
     "ddp_bucket_mb": "DDP all-reduces the gradients in buckets of this many MB (torch's default 25; docs/ddp.md "
