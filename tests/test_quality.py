@@ -291,10 +291,12 @@ def test_worker_ladder_end_to_end_with_repeat_and_state(tmp_path):
     cmd = [sys.executable, str(ROOT / "quick_quality_test.py"), "--steps", "6", "--variants", "ra_same_flop",
            "--seeds", "2", "--repeat", "--launch", "workers", "--out-dir", str(out), "--data-root",
            str(tmp_path / "data"), "--train-args", SHRINK]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    # one GPU visible at most, so one worker slot whatever the machine (a 2-GPU machine would start a worker per
+    # GPU); the training itself runs on the CPU (SHRINK)
+    env = {**os.environ, "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "0"}
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    # one worker slot (labelled by its CUDA_VISIBLE_DEVICES entry: 0, or this process's own first GPU)
+    # one worker slot, labelled by its CUDA_VISIBLE_DEVICES entry
     slots = re.findall(r"^\[gpu (\S+)\] ", p.stdout, flags=re.M)
     assert len(slots) >= 3 and len(set(slots)) == 1 and "3 job" not in p.stdout
     assert "ra_same_flop-s1337 (1/2): starting" in p.stdout and "ra_same_flop-s1338 (2/2): starting" in p.stdout

@@ -8,7 +8,8 @@
 #   bash tools/gpu_check.sh            # over 10 min on 2 H200s (its pytest phase alone: 7+); a PASS/FAIL line per check, last
 #   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
 #   CHECKS="ctr_kernel ddp_graph" bash tools/gpu_check.sh         # only these checks (names as printed)
-#   FILES="tests/test_train.py tests/test_bench.py" CHECKS=pytest bash tools/gpu_check.sh   # these test files
+#   FILES="tests/test_train.py tests/test_bench.py" CHECKS=pytest bash tools/gpu_check.sh   # these test files, started
+#                                                    # in this order (the longest first finishes the phase soonest)
 # (CHECKS and FILES split it over several shorter sessions, e.g. a device call's 10-minute limit.)
 # Logs go to $LOGS (default runs/gpu-check/), the suite's per test file in $LOGS/pytest/.
 set -u
@@ -37,7 +38,7 @@ pytest_files() {
     local marker=() rc=0
     [ -n "${QUICK:-}" ] && marker=(-m "not slow")
     mkdir -p "$LOGS/pytest"
-    ls ${FILES:-tests/test_*.py} | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
+    printf '%s\n' ${FILES:-tests/test_*.py} | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
         -p no:cacheprovider --basetemp="$0/tmp-$n" "$@" {} > "$0/$n.log" 2>&1; echo "$? {}"' \
         "$LOGS/pytest" "${marker[@]}" > "$LOGS/pytest/rc.txt"
     sort -k2 "$LOGS/pytest/rc.txt"
