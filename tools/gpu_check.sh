@@ -5,7 +5,8 @@
 # under torchrun.
 # Correctness only: the timings these print are not results (bench.py and docs/bench.md are).
 #
-#   bash tools/gpu_check.sh            # over 10 min on 2 H200s (its pytest phase alone: 7+); a PASS/FAIL line per check, last
+#   bash tools/gpu_check.sh            # over 10 min on 2 H200s (its pytest phase alone: 11+, test_quality and
+#                                      # test_ra_contract the longest); a PASS/FAIL line per check, last
 #   QUICK=1 bash tools/gpu_check.sh    # the test suite without the slow end-to-end runs
 #   CHECKS="ctr_kernel ddp_graph" bash tools/gpu_check.sh         # only these checks (names as printed)
 #   FILES="tests/test_train.py tests/test_bench.py" CHECKS=pytest bash tools/gpu_check.sh   # these test files, started
