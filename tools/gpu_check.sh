@@ -33,13 +33,20 @@ check() {  # name, command...: run it, log to $LOGS/name.log, remember PASS/FAIL
 }
 TINY="--preset tiny --dataset synthetic-recall --max-steps 40 --eval-every 20 --out-dir $LOGS/runs --overwrite"
 
+# every test file, the longest ones (on 2 H200s) first, so that the phase ends soonest
+LONGEST="tests/test_quality.py tests/test_ra_contract.py tests/test_bench.py tests/test_ddp_overlap.py tests/test_train.py"
+test_files() {
+    printf '%s\n' $LONGEST
+    ls tests/test_*.py | grep -vxF -f <(printf '%s\n' $LONGEST)
+}
+
 # the suite one test file per process, $JOBS at once (a GPU machine has the cores; the suite in one process
 # takes ~10 min there), each with its own temp folder (pytest prunes other processes' numbered ones)
 pytest_files() {
     local marker=() rc=0
     [ -n "${QUICK:-}" ] && marker=(-m "not slow")
     mkdir -p "$LOGS/pytest"
-    printf '%s\n' ${FILES:-tests/test_*.py} | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
+    { if [ -n "${FILES:-}" ]; then printf '%s\n' $FILES; else test_files; fi; } | xargs -P "${JOBS:-8}" -I{} sh -c 'n=$(basename {} .py); python -m pytest -q -rfEs \
         -p no:cacheprovider --basetemp="$0/tmp-$n" "$@" {} > "$0/$n.log" 2>&1; echo "$? {}"' \
         "$LOGS/pytest" "${marker[@]}" > "$LOGS/pytest/rc.txt"
     sort -k2 "$LOGS/pytest/rc.txt"
