@@ -18,7 +18,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 LOGS=${LOGS:-runs/gpu-check}
 mkdir -p "$LOGS"
-NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+if ! NGPU=$(python -c "import torch; print(torch.cuda.device_count())"); then
+    echo "gpu_check: \`python\` cannot import torch; activate the environment that setup.sh installed into"; exit 2
+fi
 if [ "$NGPU" -lt 1 ]; then
     echo "gpu_check: no CUDA GPU visible (torch.cuda.device_count() == 0); run it on a GPU machine"; exit 2
 fi
