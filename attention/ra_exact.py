@@ -14,10 +14,10 @@ choice, and cuDNN (sdpa_backend cudnn), take Dqk != Dv; a forced flash backend, 
 needs equal head dims, gets V padded to 2D instead (reciprocal_attention_padded_v: 2x
 FLOPs, still one fused kernel).
 
-Operands (ra_exact_operands). "dense" (the default): the projection emits q' itself, c_attn's weight
-rows gathered per forward into the order [q_0, k_0, q_1, k_1, ..., v] (the parameter keeps sdpa's
-[q | k | v] layout and init) and applied as two products, q' from the first 2C rows and v from the
-last C, so that q' and v are each dense in (B, T, H, .) order; k' = [a k, b q] is q' with its two
+Operands (ra_exact_operands). "dense" (the default): the projection emits q' itself, c_attn's q and k
+weight rows gathered per forward into the order [q_0, k_0, q_1, k_1, ...] (the parameter keeps sdpa's
+[q | k | v] layout and init), applied as two products, q' from those 2C rows and v from the last C
+rows as they are, so that q' and v are each dense in (B, T, H, .) order; k' = [a k, b q] is q' with its two
 halves swapped and scaled, one pass, in the same order. cuDNN allocates its output and its gradients
 in the order of its inputs, so the projection's gradient comes back in the projection's own layout
 and is assembled without a transpose (the faster of the two on an H200: docs/bench.md). "cat"
@@ -76,10 +76,10 @@ class ExactRA(nn.Module):
         self.a = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_i.k_j
         self.b = nn.Parameter(torch.empty(cfg.n_head))  # weight of q_j.k_i
         self.reset_parameters()
-        if self.operands == "dense":  # c_attn's rows in the order [q_0, k_0, q_1, k_1, ..., v]
+        if self.operands == "dense":  # c_attn's q and k rows in the order [q_0, k_0, q_1, k_1, ...]
             C, H = cfg.n_embd, cfg.n_head
             rows = torch.arange(2 * C).view(2, H, C // H).transpose(0, 1).reshape(-1)  # head h: q_h rows, k_h rows
-            self.register_buffer("packed_rows", torch.cat([rows, torch.arange(2 * C, 3 * C)]), persistent=False)
+            self.register_buffer("qk_rows", rows, persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -109,10 +109,10 @@ class ExactRA(nn.Module):
         """heads() with q', k', v each dense in (B, T, H, .) order (ra_exact_operands=dense), weights a, b (nh,)."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
-        w = self.c_attn.weight.index_select(0, self.packed_rows)
-        bias = None if self.c_attn.bias is None else self.c_attn.bias.index_select(0, self.packed_rows)
-        qk = F.linear(x, w[:2 * C], None if bias is None else bias[:2 * C]).view(B, T, H, 2 * D)  # q': [q_h, k_h]
-        v = F.linear(x, w[2 * C:], None if bias is None else bias[2 * C:]).view(B, T, H, D)
+        w, bias = self.c_attn.weight, self.c_attn.bias
+        qk = F.linear(x, w.index_select(0, self.qk_rows), None if bias is None else bias.index_select(0, self.qk_rows))
+        qk = qk.view(B, T, H, 2 * D)  # q': [q_h, k_h] per head
+        v = F.linear(x, w[2 * C:], None if bias is None else bias[2 * C:]).view(B, T, H, D)  # v's rows need no gather
         return self.attend(*ra_operands_dense(qk, v, a, b))  # cuDNN's output keeps (B, T, H, .) order
 
     def forward(self, x):

@@ -30,8 +30,7 @@ Two attention calls, grouped by routing, so that plain heads cost plain attentio
   the RA group's q' = [q_h, k_h] per head, dense in (B, T, K, 2 hs) order (ra_exact.py says why), and
   the plain group's q, k, v with the RA group's v; both outputs stay in (B, T, ., hs) order, so they
   are concatenated there and the output projection reads them without a transpose. cat: one product,
-  ra_exact's cat operands for the RA group. On a GPU only the cat path has been timed, as an eager module
-  (docs/bench.md).
+  ra_exact's cat operands for the RA group. Both timed on a GPU: docs/bench.md.
   The head order is a device tensor (argsort of the routing: no host sync); only the group sizes are
   host ints, and they must be: a shape. n_ra is a capacity, an upper bound on the RA heads, fixed
   when the routing is refreshed on the host side: n_head at construction, the stored routing's count
