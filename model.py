@@ -142,10 +142,8 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, return_logits=True, tok_emb=None):
+    def forward(self, idx, targets=None, return_logits=True):
         """idx (B, T) token ids -> (logits (B, T, padded_vocab) or None, loss or None).
-        tok_emb: idx's token embeddings (B, T, C), looked up by the caller (train.py --ddp-embed-gather, whose
-        step takes the lookup's gradient from tok_emb.grad: trainer/step.py); None: looked up here.
         Training passes return_logits=False: a compiled step that also returns the logits (1.6 GB at
         GPT-2 124M, batch 16 x 1024) keeps them alive and writes them out, which costs step time
         (measured in docs/bench.md)."""
@@ -153,9 +151,7 @@ class GPT(nn.Module):
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        if tok_emb is None:
-            tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)

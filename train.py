@@ -150,7 +150,7 @@ def train(tc, mc, notes, given, cleanup):
     xbs = [torch.empty((tc.batch_size, mc.block_size), dtype=torch.long, device=device) for _ in range(tc.grad_accum)]
     ybs = [torch.empty_like(x) for x in xbs]
     train_step = TrainStep(model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, tc.grad_clip,
-                           ddp and not tc.fsdp, embed_gather=ddp and not tc.fsdp and tc.ddp_embed_gather)
+                           ddp and not tc.fsdp)
     # the log interval under way: train_step's loss sums, its time and steps; a checkpoint keeps them, so
     # the line after a resume averages the same steps as an uninterrupted run's
     interval_time, interval_steps = 0.0, 0

@@ -20,7 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"cuda_graph": True}, "--fsdp with --cuda-graph"),
     ({"ddp_overlap": True}, "--fsdp with --ddp-overlap"),
     ({"ddp_bucket_view": True}, "--fsdp with --ddp-bucket-view"),
-    ({"ddp_embed_gather": True}, "--fsdp with --ddp-embed-gather"),
     ({"dtype": "float16"}, "--fsdp with --dtype float16"),
     ({"device": "mps"}, "not on mps"),
 ])

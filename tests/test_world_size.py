@@ -145,25 +145,6 @@ def test_ddp_overlap_and_bucket_views_log_what_one_process_logs(corpus, single):
 
 
 @pytest.mark.slow
-def test_embedding_gradient_gathered_outside_ddp_logs_what_one_process_logs(corpus, single):
-    # --ddp-embed-gather: the token embeddings looked up outside DDP, the lookup's gradient gathered from both
-    # ranks and added after each backward (trainer/step.py); at --grad-accum 2 also on the micro-step that DDP
-    # does not all-reduce, whose sum the last one's all-reduce must leave as it is. With the other fast flags, as
-    # docs/ddp.md's command runs it: the training of one process with --grad-accum 4, to compiled rounding
-    out = single[0]
-    train(["--run-name", "one4", "--grad-accum", "4", "--max-steps", "20"], corpus, out)
-    p = train(["--run-name", "gather", "--grad-accum", "2", "--max-steps", "20", "--ddp-embed-gather", "--compile",
-               "--ddp-overlap", "--ddp-bucket-mb", "1", "--ddp-bucket-view"], corpus, out, nproc=2)
-    assert "ddp: parameters identical across 2 ranks" in p.stdout
-    (ref_loss, ref_val), (loss, val) = losses(out, "one4"), losses(out, "gather")
-    assert sorted(loss) == LOGGED
-    for s in LOGGED:
-        assert loss[s] == pytest.approx(ref_loss[s], rel=1e-4), (s, loss[s], ref_loss[s])
-    for s in (10, 20):
-        assert val[s] == pytest.approx(ref_val[s], rel=1e-4), (s, val[s], ref_val[s])
-
-
-@pytest.mark.slow
 def test_resume_two_processes_on_one(corpus, single):
     out, (ref_loss, ref_val) = single
     train(["--run-name", "cut", "--grad-accum", "1", "--max-steps", "10"], corpus, out, nproc=2)
@@ -197,12 +178,6 @@ def test_two_gpus_cuda_graph_replays_the_ddp_steps(tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-3, abs=1e-4), (s, got, ref)
     for s in (10, 20):
         assert val[s] == pytest.approx(ref_val[s], rel=1e-3, abs=1e-4), (s, val, ref_val)
-    # --ddp-embed-gather recorded too: its gathers in the graph, and every rank adding the same lookup gradient
-    p = train(["--run-name", "gather", "--cuda-graph", "--ddp-embed-gather", *common], corpus, tmp_path, nproc=2)
-    assert "ddp: parameters identical across 2 ranks" in p.stdout, p.stdout
-    got, val = losses(tmp_path, "gather")
-    for s in LOGGED:
-        assert got[s] == pytest.approx(ref[s], rel=1e-3, abs=1e-4), (s, got, ref)
 
 
 def test_a_torchrun_worker_exits_past_the_interpreter_teardown():

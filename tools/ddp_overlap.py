@@ -17,9 +17,6 @@ Configurations (--configs, comma list):
                 the earlier layers still runs
   X:view        X with gradient_as_bucket_view=True (the gradients live in DDP's buckets: no copy)
   X:bMB         X with bucket_cap_mb=MB (DDP's default 25)
-  X:gather      X with train.py --ddp-embed-gather: the token embeddings looked up outside DDP, so the tied wte's
-                all-reduce overlaps the backward, and the lookup's gradient gathered from all ranks after it
-                (trainer/step.py)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
   X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
@@ -87,12 +84,10 @@ def parse_config(spec):
             kw["bf16"] = True
         elif o == "view":
             kw["gradient_as_bucket_view"] = True
-        elif o == "gather":
-            kw["gather"] = True
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, gather, bf16 or bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16 or bMB (e.g. b100)")
     if order == "single" and kw:
         raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
     return order, kw
@@ -108,7 +103,7 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
-    graph, gather = kw.pop("graph", False), kw.pop("gather", False)
+    graph = kw.pop("graph", False)
     if graph and device.type != "cuda":
         raise SystemExit("a :graph config needs a CUDA GPU")
     if order == "fsdp":  # as train.py --fsdp [--compile] builds it; before the optimizer
@@ -137,7 +132,7 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
         model = torch.compile(ddp, backend=backend) if order == "outside" else ddp
     scaler = torch.amp.GradScaler(enabled=False)
     step = TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
-                     ddp=order in ("inside", "outside"), after_backward=after_backward, embed_gather=gather)
+                     ddp=order in ("inside", "outside"), after_backward=after_backward)
     launch = launcher(step, opt, graphed=graph, stream=stream, warmup=11 if order in ("inside", "outside") else 3)
     launch.step = step
     return launch

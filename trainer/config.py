@@ -53,7 +53,6 @@ class TrainConfig:  # every field is a flag; what each does: HELP below
     ddp_bucket_mb: int = 25
     ddp_overlap: bool = False
     ddp_bucket_view: bool = False
-    ddp_embed_gather: bool = False
     device: str = "auto"
     dtype: str = "auto"
     wandb: bool = False
@@ -104,10 +103,6 @@ HELP = {
                    "around the compiled model, whose backward hands DDP every gradient at its end; docs/ddp.md)",
     "ddp_bucket_view": "DDP's gradient_as_bucket_view: the gradients live in DDP's buckets, so no copy into and out "
                        "of them per step (docs/ddp.md)",
-    "ddp_embed_gather": "under torchrun: the token embeddings are looked up outside DDP, so the tied wte's all-reduce "
-                        "starts once the lm_head's gradient is in (early in the backward), not at its end; the "
-                        "lookup's gradient comes from all ranks' token gradients, gathered (trainer/step.py, "
-                        "docs/ddp.md)",
     "device": "auto, cuda, cuda:N, mps or cpu",
     "dtype": "auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float16 or float32",
     "wandb": "log to Weights & Biases (offline without an API key)",
@@ -299,7 +294,7 @@ def check_config(tc, mc):
 
 def check_fsdp(tc):
     """--fsdp with an option it cannot run with: an error now, not a failure some steps in."""
-    for flag_name in ("ddp_overlap", "ddp_bucket_view", "ddp_embed_gather"):
+    for flag_name in ("ddp_overlap", "ddp_bucket_view"):
         if getattr(tc, flag_name):
             raise ValueError(f"--fsdp with {flag(flag_name)}: FSDP does not use DDP (its collectives already overlap "
                              f"per Block); drop {flag(flag_name)}")

@@ -7,23 +7,12 @@ then the grad scaler's unscale and the grad-norm clip, the optimizer step and th
 bf16 or fp32 it never synchronizes the host (the fp16 scaler's inf check does), so that it can be
 recorded as one CUDA graph (cuda_graph.py): the losses and the grad norm go into device tensors that the
 caller reads once per log interval.
-
-Under DDP with embed_gather (train.py --ddp-embed-gather) the token embeddings are looked up here, outside the
-model. The tied wte's gradient has two parts: the lm_head's, complete when the backward starts, and the lookup's,
-complete only when it ends. DDP all-reduces a parameter once its whole gradient is in, so by default wte's 154 MB
-(GPT-2 124M, fp32) wait for the end of the backward, where nothing overlaps them. Looked up here, the lookup's part
-bypasses DDP: wte's all-reduce carries the lm_head's part and overlaps the backward, and the lookup's part is
-rebuilt on every rank from all ranks' token ids and token gradients, gathered after the backward (B T C floats per
-rank: 50 MB at 16 x 1024, a third of the bytes that wte's all-reduce moves) -- the same gradient, summed in
-another order.
 """
 
 import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import cuda_graph
 
@@ -36,13 +25,12 @@ class TrainStep:
     clip (tools/step_overhead.py's host phases)."""
 
     def __init__(self, model, raw_model, optimizer, scaler, autocast, aux_loss, xbs, ybs, grad_clip, ddp=False,
-                 after_backward=None, embed_gather=False):
+                 after_backward=None):
         self.model = model  # what the forward calls: compiled and/or DDP-wrapped
         self.after_backward = after_backward  # called once after the last backward, before the clip (or None)
         self.raw_model = raw_model  # its parameters are clipped
         self.optimizer, self.scaler, self.autocast, self.aux_loss = optimizer, scaler, autocast, aux_loss
         self.xbs, self.ybs, self.grad_clip, self.ddp = xbs, ybs, grad_clip, ddp
-        self.wte = raw_model.transformer.wte.weight if embed_gather else None  # embed_gather: see the module doc
         device = xbs[0].device
         self.loss_sum = torch.zeros((), device=device)
         self.aux_sum = torch.zeros((), device=device)
@@ -52,19 +40,13 @@ class TrainStep:
         grad_accum = len(self.xbs)
         for micro in range(grad_accum):
             sync = (micro == grad_accum - 1)  # DDP all-reduces only on the last micro-step
-            xb, yb = self.xbs[micro], self.ybs[micro]
-            lookup = {}
-            if self.wte is not None:  # a leaf, so that the backward leaves the lookup's gradient in its .grad
-                lookup["tok_emb"] = F.embedding(xb, self.wte.detach()).requires_grad_()  # (B, T, C)
             with (self.model.no_sync() if (self.ddp and not sync) else nullcontext()):
                 with self.autocast:
-                    _, loss = self.model(xb, yb, return_logits=False, **lookup)
+                    _, loss = self.model(self.xbs[micro], self.ybs[micro], return_logits=False)
                     aux = self.aux_loss()
                 mark(marks)
                 self.scaler.scale((loss + aux) / grad_accum).backward()
                 mark(marks)
-            if lookup:  # after DDP's all-reduce (on the last micro-step) has written wte.grad
-                add_lookup_grad(self.wte, xb, lookup["tok_emb"].grad)
             self.loss_sum.add_(loss.detach() / grad_accum)
             self.aux_sum.add_(aux.detach() / grad_accum)
         if self.after_backward is not None:
@@ -76,25 +58,6 @@ class TrainStep:
         mark(marks)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-
-
-def add_lookup_grad(weight, idx, grad):
-    """weight.grad += the embedding lookup's gradient averaged over the ranks, as DDP averages: idx (B, T) this
-    rank's token ids, grad (B, T, C) their gradient. Every rank gathers all ranks' ids and gradients and adds the
-    same sum, so the replicas stay equal; before the last micro-step's all-reduce, whose mean of equal values
-    leaves it as it is."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    idx, grad = idx.reshape(-1), grad.reshape(-1, grad.size(-1))  # (B T,), (B T, C)
-    if world > 1:  # gathered along dim 0, rank by rank (gloo takes no other shape)
-        ids = idx.new_empty(world * idx.numel())
-        dist.all_gather_into_tensor(ids, idx)
-        grads = grad.new_empty((world * grad.size(0), grad.size(1)))
-        dist.all_gather_into_tensor(grads, grad.contiguous())
-        idx, grad = ids, grads.div_(world)
-    # the embedding's own backward: sorted by index, so every rank sums in the same order (atomic adds would not),
-    # and a frequent token's rows summed in parallel chunks (index_put_'s accumulate sums them one by one: on prose,
-    # where a few tokens fill several percent of a batch, that cost more than the all-reduce it saves)
-    weight.grad.add_(torch.ops.aten.embedding_dense_backward(grad, idx, weight.size(0), -1, False))
 
 
 def mark(marks):
