@@ -7,6 +7,8 @@ Speed of every registered attention variant against the sdpa baseline, measured 
     python bench.py --sweep R --sweep heads  # only those sweeps
     python bench.py --what all --out runs/bench.json   # attn, step and the sweeps R, T, heads, exact
     python bench.py --sweep exact            # exact RA against plain SDPA at T 1024..4096, D 64 and 128
+    python bench.py --what step --compile --cuda-graph --no-eager --interleave 3 --profile 3 --clocks
+                                             # + where the GPU time goes, and each variant's SM clock and power
     python bench.py --device cpu --what all  # SMOKE RUN: tiny shapes, wall clock, not results
 
 Sections (each a markdown table on stdout; all rows also in --out JSON):
@@ -52,6 +54,7 @@ with `set_heads_mask(mask)` (mask: bool [H], True = RA head; the contract in att
 import argparse
 import dataclasses
 import itertools
+import shutil
 import sys
 import time
 
@@ -124,6 +127,9 @@ def parse_args(argv):
                         "of the per-round ratios to sdpa and their range")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="step: also run N steps under torch.profiler and print where the GPU time goes")
+    p.add_argument("--clocks", action="store_true",
+                   help="step, with --interleave: sample the GPU's SM clock and power (nvidia-smi) during each "
+                        "variant's timed rounds and its --profile steps")
     p.add_argument("--no-eager", dest="eager", action="store_false", help="step: only the compiled rows (with --compile)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="step: replay each training step as one CUDA graph, as train.py --cuda-graph (GPU only)")
@@ -171,6 +177,14 @@ def parse_args(argv):
         args.names = ["sdpa"] + [v for v in valid if v in chosen and v != "sdpa"]
     else:
         args.names = valid
+
+    if args.clocks:
+        if args.device != "cuda":
+            p.error("--clocks samples a GPU's clock (nvidia-smi): it needs --device cuda")
+        if not args.interleave:
+            p.error("--clocks samples the timed rounds of --interleave N: add --interleave (e.g. 3)")
+        if shutil.which("nvidia-smi") is None:
+            print("[bench] --clocks: nvidia-smi is not on the PATH; no clocks are recorded", file=sys.stderr)
 
     fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
     overrides = {}

@@ -70,7 +70,17 @@ def profile_table(rows):
         tops.append(f"{r['variant']} ({r['passes']}): " + "; ".join(
             f"{ms:.2f} ms x{n:g} {name[:60]}" for ms, n, name in r["profile"]["top"][:6]))
     table = markdown(["variant", "mode", "step ms", "kernels ms", "GPU idle ms"] + [f"{c} ms" for c in cats], lines)
-    return table + "\n\ntop kernels per step:\n" + "\n".join("  " + t for t in tops)
+    out = table + "\n\ntop kernels per step:\n" + "\n".join("  " + t for t in tops)
+    clocked = [r for r in rows if r.get("clocks")]
+    if clocked:  # --clocks: a step timed at a lower clock than it was profiled at shows up as "GPU idle"
+        out += "\n\nSM clock and power (nvidia-smi, median of the busy samples), timed rounds / profiled steps:\n" + \
+            "\n".join(f"  {r['variant']} ({r['passes']}): " + " / ".join(
+                clock_cell(r["clocks"].get(k)) for k in ("timed", "profiled")) for r in clocked)
+    return out
+
+
+def clock_cell(c):
+    return "no samples" if not c else f"{c['sm_mhz']:.0f} MHz, {c['power_w']:.0f} W ({c['n']} samples)"
 
 
 def summary(bench):

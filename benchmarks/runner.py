@@ -17,6 +17,7 @@ import torch.nn as nn
 import attention
 from cuda_graph import CaptureError
 
+from . import clocks
 from .profile import profile_kernels
 from .timing import HostSync, cycle, free_memory, randn, time_graph_ms, time_ms
 from .variants import (
@@ -295,8 +296,16 @@ class Bench:
         row["tflops"] = row["params"]["flops_per_token"] * row["tokens_per_s"] / 1e12
         row["mfu"] = row["tflops"] * 1e12 / a.peak_flops if a.peak_flops else None
         if a.profile and self.device.type == "cuda":  # after the timing: the profiler's overhead is not in it
-            row["profile"] = profile_kernels(train_step, a.profile)
+            sampler = self.clock_sampler()
+            with sampler:
+                row["profile"] = profile_kernels(train_step, a.profile)
+            if sampler.enabled:
+                row.setdefault("clocks", {})["profiled"] = clocks.summary(sampler.samples)
         row["status"] = "ok"
+
+    def clock_sampler(self):
+        """--clocks: an nvidia-smi sampler of this run's GPU (benchmarks/clocks.py); else one that records nothing."""
+        return clocks.Sampler(clocks.gpu_id(self.device) if self.args.clocks else None)
 
     def interleaved_steps(self, names, cfg, B, T, compiled):
         """--interleave N: build every variant's step first, then time them in N rounds, each round
@@ -309,13 +318,18 @@ class Bench:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(names) + 4)
         built = [(row, fn) for row, fn in (self.step(n, cfg, B, T, compiled, timed=False) for n in names) if fn]
         per_round = max(2, a.step_reps // a.interleave)
+        samplers = {id(row): self.clock_sampler() for row, _ in built}  # --clocks: each variant's timed rounds
         for r in range(a.interleave):
             k = r % len(built)
             for row, fn in built[k:] + built[:k]:
                 try:
-                    row.setdefault("rounds_ms", []).append(time_ms(fn, 2, per_round, dev))
+                    with samplers[id(row)]:
+                        row.setdefault("rounds_ms", []).append(time_ms(fn, 2, per_round, dev))
                 except Exception as e:  # noqa: BLE001 - one variant must not end the run
                     row["status"] = f"error: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        for row, _ in built:
+            if samplers[id(row)].enabled:
+                row.setdefault("clocks", {})["timed"] = clocks.summary(samplers[id(row)].samples)
         base = next((row for row, _ in built if row["variant"] == "sdpa" and row["status"] == "pending"), None)
         for row, fn in built:
             if row["status"] != "pending":

@@ -1,7 +1,9 @@
 """bench.py's CPU smoke run: every registered variant gets rows, sdpa is the 1.0 baseline, failures stay in their row."""
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,7 +245,7 @@ class FakeModel:
         return 1
 
 
-def fake_graphed_bench(monkeypatch, fail=(), interleave=0):
+def fake_graphed_bench(monkeypatch, fail=(), interleave=0, clocks=False):
     """A Bench whose step rows are graphed (--cuda-graph on a 'cuda' device) with no GPU. Returns it and the
     calls to make_train_step as (variant, graph_pool) and the variants built. A variant in `fail` raises
     cuda_graph.CaptureError at its 4th step, where the capture happens."""
@@ -279,7 +281,7 @@ def fake_graphed_bench(monkeypatch, fail=(), interleave=0):
         return train_step
 
     args = argparse.Namespace(cuda_graph=True, out=None, n_inputs=1, step_warmup=1, step_reps=2, profile=0,
-                              peak_flops=None, interleave=interleave, ra_heads=None)
+                              peak_flops=None, interleave=interleave, ra_heads=None, clocks=clocks)
     bench = runner.Bench(args, torch.device("cuda"), torch.float32, {}, make_train_step)
     return bench, calls, built
 
@@ -321,3 +323,60 @@ def test_failed_step_capture_skips_later_graphed_rows(monkeypatch, capsys):
     assert built == [c[0] for c in calls] == ["sdpa", "ra_same_flop"]  # nothing built or captured after the failure
     err = capsys.readouterr().err
     assert "[bench] ra_same_flop (model, step) failed" in err and err.count("failed:") == 1  # a skip prints nothing
+
+
+FAKE_SMI = """#!/bin/sh
+# a stand-in for nvidia-smi: checks that it was asked for one GPU by id, then prints samples until stopped
+[ "$1" = "-i" ] && [ "$2" = "GPU-fake" ] || { echo "unexpected arguments: $*" >&2; exit 2; }
+echo "1500, 300.00, 10"
+while true; do echo "1740, 693.50, 100"; echo "[N/A], [N/A], [N/A]"; echo "1755, 691.00, 97"; sleep 0.02; done
+"""
+
+
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+
+
+def test_clock_sampler_parses_busy_samples_and_records_nothing_without_nvidia_smi(tmp_path, monkeypatch):
+    from benchmarks import clocks
+
+    assert clocks.parse("1740, 693.5, 100\n[N/A], [N/A], [N/A]\nwarning\n") == [(1740.0, 693.5, 100.0)]
+    assert clocks.summary([(1500.0, 300.0, 10.0)]) is None  # only an idle sample: nothing to report
+    fake_nvidia_smi(tmp_path, monkeypatch)
+    sampler = clocks.Sampler("GPU-fake", period_ms=20)
+    for _ in range(2):  # two blocks (rounds) accumulate
+        with sampler:
+            time.sleep(0.3)
+    got = clocks.summary(sampler.samples)
+    assert sampler.enabled and got["n"] >= 4 and got["sm_mhz"] in (1740.0, 1747.5, 1755.0) and 690 < got["power_w"] < 694
+    assert all(s[2] >= 90 for s in sampler.samples if s[0] != 1500.0)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    off = clocks.Sampler("GPU-fake")
+    with off:
+        pass
+    assert not off.enabled and off.samples == [] and not clocks.Sampler(None).enabled
+
+
+def test_clocks_of_interleaved_rounds_reach_the_rows_and_the_profile_table(tmp_path, monkeypatch):
+    from benchmarks import clocks, runner
+
+    fake_nvidia_smi(tmp_path, monkeypatch)
+    monkeypatch.setattr(clocks, "gpu_id", lambda device: "GPU-fake")
+    fake, _, _ = fake_graphed_bench(monkeypatch, interleave=2, clocks=True)
+    monkeypatch.setattr(runner, "time_ms", lambda fn, warmup, reps, dev: (fn(), time.sleep(0.3), 1.0)[2])
+    fake.interleaved_steps(["sdpa", "ra_same_flop"], None, 2, 8, compiled=False)
+    for r in fake.rows:  # two rounds of 0.3 s each, sampled every 100 ms
+        assert r["status"] == "ok" and r["clocks"]["timed"]["n"] >= 2 and 690 < r["clocks"]["timed"]["power_w"] < 694
+    rows = [dict(r, profile=dict(categories={"gemm": 1.0}, top=[], total_ms=1.0)) for r in fake.rows]
+    table = bench.profile_table(rows)
+    assert "SM clock and power" in table and "MHz" in table and "no samples" in table  # no --profile samples here
+
+
+def test_clocks_needs_a_gpu_and_interleave(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--what", "step", "--clocks", "--interleave", "2"])
+    assert "--clocks samples a GPU's clock" in capsys.readouterr().err
