@@ -48,6 +48,7 @@ class GPTConfig:
     ra_quant: str = "none"  # none|int8: precision of the reciprocal channel (int8: fake-quantized, same-FLOP family)
     ra_swap_norm: str = "layernorm"  # layernorm|none: ra_swap's swapped term, LayerNorm(r) (published) or r itself
     ra_exact_operands: str = "dense"  # dense|cat: how ra_exact builds q' = [q, k] (attention/ra_exact.py)
+    ra_exact_streams: int = 2  # ra_exact_headsel: its two head groups' attention on 2 CUDA streams at once, or 1
 
     @property
     def padded_vocab_size(self):

@@ -31,6 +31,9 @@ Two attention calls, grouped by routing, so that plain heads cost plain attentio
   the plain group's q, k, v with the RA group's v; both outputs stay in (B, T, ., hs) order, so they
   are concatenated there and the output projection reads them without a transpose. cat: one product,
   ra_exact's cat operands for the RA group. Both timed on a GPU: docs/bench.md.
+  ra_exact_streams=2 (the default): on a CUDA GPU where cuDNN attention runs (Hopper or newer), the two
+  groups' calls run at once on two CUDA streams (two_stream.py: a call over a quarter of the heads leaves
+  SMs idle that the other call fills); elsewhere, or with 1, one after the other. Same function.
   The head order is a device tensor (argsort of the routing: no host sync); only the group sizes are
   host ints, and they must be: a shape. n_ra is a capacity, an upper bound on the RA heads, fixed
   when the routing is refreshed on the host side: n_head at construction, the stored routing's count
@@ -54,14 +57,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention.functional import merge_heads, ra_operands_dense, sdpa_causal, split_heads
+from attention import two_stream
+from attention.functional import (
+    backend_context, folded_attention, folded_attention_padded_v, merge_heads, ra_operands_dense, sdpa_causal,
+    split_heads,
+)
 from attention.ra_exact import ExactRA, perturb_ab_
 from attention.ra_headsel import HeadSelRA
 
 
+def group_attention(qk, v_ra, qkv_plain, a, b, backend="auto", streams=2):
+    """The two groups' attention from their projection outputs: qk (B, T, K, 2 hs), the RA group's q' = [q_h, k_h]
+    per head, and v_ra (B, T, K, hs); qkv_plain (B, T, 3 P), the plain group's [q | k | v] (P = (nh - K) hs); a, b
+    (K,) the RA heads' weights. Returns (B, nh, T, hs), the RA group first, a view of a (B, T, nh, hs) tensor.
+    streams=2: both calls at once on two CUDA streams (two_stream.py) where that runs, else one after the other."""
+    B, T, K, D = v_ra.shape
+    n_plain = qkv_plain.size(-1) // (3 * D)
+    q, k, v = (t.view(B, T, n_plain, D).transpose(1, 2) for t in qkv_plain.chunk(3, dim=-1))  # (B, nh - K, T, hs)
+    qf, kf, vf = ra_operands_dense(qk, v_ra, a, b)  # (B, K, T, 2 hs), (B, K, T, 2 hs), (B, K, T, hs)
+    if streams == 2 and backend in ("auto", "cudnn") and two_stream.usable(qf, kf, vf, q, k, v):
+        y_ra, y_plain = two_stream.causal_attention_pair(qf, kf, vf, q, k, v, D ** -0.5, D ** -0.5)
+    else:
+        attend = folded_attention_padded_v if backend == "flash" else folded_attention
+        with backend_context(backend):
+            y_ra = attend(qf, kf, vf, D ** -0.5)  # (B, K, T, hs)
+        y_plain = sdpa_causal(q, k, v, backend=backend)  # (B, nh - K, T, hs)
+    # both outputs are in (B, T, ., hs) order (cuDNN's follows its inputs'): concatenated in that order, the
+    # output projection's merge_heads is then a view
+    return torch.cat([y_ra.transpose(1, 2), y_plain.transpose(1, 2)], dim=2).transpose(1, 2)
+
+
 class ExactHeadSelRA(ExactRA):
     # the contract (attention/__init__.py); ra_on: per head, 1 if the head is an RA head in the routing in use
-    options = ExactRA.options + ("ra_w_rec_init", "ra_l1", "ra_threshold", "ra_route_every")
+    options = ExactRA.options + ("ra_w_rec_init", "ra_l1", "ra_threshold", "ra_route_every", "ra_exact_streams")
     gate_ranges = {**ExactRA.gate_ranges, "w_rec": (0.0, None), "ra_frac": (0.0, 1.0), "ra_on": (0.0, 1.0)}
     head_selective = True
     name = "ra_exact_headsel"
@@ -78,6 +106,10 @@ class ExactHeadSelRA(ExactRA):
         self.threshold = cfg.ra_threshold
         self.route_every = cfg.ra_route_every
         self.w_rec_init = cfg.ra_w_rec_init
+        if cfg.ra_exact_streams not in (1, 2):
+            raise ValueError(f"{self.name}: ra_exact_streams={cfg.ra_exact_streams}; use 2 (the two head groups' "
+                             f"attention on two CUDA streams at once) or 1 (one after the other)")
+        self.streams = cfg.ra_exact_streams
         self.n_ra = cfg.n_head  # the RA group's capacity (see the module docstring); n_head is always safe
         super().__init__(cfg)  # a, b, the projections
         self.s_rec = nn.Parameter(torch.empty(cfg.n_head))  # the gate's amplitude: w_rec = s_rec^2
@@ -180,13 +212,8 @@ class ExactHeadSelRA(ExactRA):
 
         qk = F.linear(x, *pick(at_qk)).view(B, T, K, 2 * D)
         rest = F.linear(x, *pick(at_rest))  # (B, T, 3 (nh - K) hs + K hs)
-        P = (H - K) * D
-        q, k, v = (rest[..., i * P:(i + 1) * P].view(B, T, H - K, D).transpose(1, 2) for i in range(3))
-        y_ra = self.attend(*ra_operands_dense(qk, rest[..., 3 * P:].view(B, T, K, D), a, b))  # (B, K, T, hs)
-        y_plain = sdpa_causal(q, k, v, backend=self.backend)  # (B, nh - K, T, hs)
-        # both outputs are in (B, T, ., hs) order (cuDNN's follows its inputs'): concatenated in that order, the
-        # output projection's merge_heads is then a view
-        return torch.cat([y_ra.transpose(1, 2), y_plain.transpose(1, 2)], dim=2).transpose(1, 2)
+        return group_attention(qk, rest[..., 3 * (H - K) * D:].view(B, T, K, D), rest[..., :3 * (H - K) * D], a, b,
+                               self.backend, self.streams)
 
     def heads(self, x):
         """Per-head attention output (B, nh, T, hs) in head order, before the output projection."""

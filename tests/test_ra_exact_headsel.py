@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import attention
+import attention.ra_exact as ra_exact_module
 import attention.ra_exact_headsel as EH
+from attention import two_stream
 from attention.functional import merge_heads
 from ra_reference import TOL64, build64, grads, qkv_heads, rand, ref_exact
 
@@ -83,8 +85,10 @@ def test_plain_heads_leave_the_folded_call(monkeypatch, operands):
         return wrapped
 
     monkeypatch.setattr(EH, "sdpa_causal", spy(EH.sdpa_causal, "plain"))
+    # the folded call (q' of head dim 2 hs): group_attention's, and ra_exact's for the cat operands and all-RA heads
+    monkeypatch.setattr(EH, "folded_attention", spy(EH.folded_attention, "ra"))
+    monkeypatch.setattr(ra_exact_module, "folded_attention", spy(ra_exact_module.folded_attention, "ra"))
     mod = module64(ra_exact_operands=operands)
-    monkeypatch.setattr(mod, "attend", spy(mod.attend, "ra"))  # ra_exact's folded call: q' of head dim 2 hs
     x = rand(1, 9, C)
     for mask, want in ((MASKS[0], [("ra", 2, 48), ("plain", 2, 24)]), (MASKS[2], [("ra", 4, 48)]),
                        (MASKS[3], [("plain", 4, 24)])):
@@ -163,3 +167,135 @@ def test_compiles_fullgraph_with_groups(mask, operands):
     y.sum().backward()
     torch.testing.assert_close(y, mod(x))
     assert mod.aux_loss().requires_grad
+
+
+def test_streams_option_is_checked():
+    with pytest.raises(ValueError, match="ra_exact_streams=3; use 2"):
+        build64(NAME, n_head=H, n_embd=C, ra_exact_streams=3)
+
+
+# ----------------------------------------------------------------------------- two CUDA streams (GPU only)
+
+def _pair_ok():
+    if not torch.cuda.is_available():
+        return False
+    t = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    return two_stream.usable(t)
+
+
+needs_pair = pytest.mark.skipif(not _pair_ok(), reason="needs a CUDA GPU where two_stream runs (Hopper or newer, cuDNN)")
+
+
+def _explicit(q, k, v, scale):
+    """Causal attention with explicit (T, T) scores in float64."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    T = s.size(-1)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s.softmax(-1) @ v.double()
+
+
+@needs_pair
+@pytest.mark.parametrize("T", [37, 128])
+def test_pair_against_float64_and_causal(T):
+    # two attentions of different head dims (qk 96, v 48; qk 64, v 64), odd T: outputs and gradients of each
+    # against float64 explicit scores; then causality: changing the inputs after position t leaves y[:t]
+    g = torch.Generator(device="cuda").manual_seed(T)
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).bfloat16().requires_grad_()
+    B = 2
+    ins = [rnd(B, 3, T, 96), rnd(B, 3, T, 96), rnd(B, 3, T, 48), rnd(B, 5, T, 64), rnd(B, 5, T, 64), rnd(B, 5, T, 64)]
+    y1, y2 = two_stream.causal_attention_pair(*ins, 48 ** -0.5, None)
+    r1 = _explicit(*ins[:3], 48 ** -0.5)
+    r2 = _explicit(*ins[3:], 64 ** -0.5)
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y1.double(), r1, **tol)
+    torch.testing.assert_close(y2.double(), r2, **tol)
+    g1, g2 = torch.randn_like(y1), torch.randn_like(y2)
+    got = torch.autograd.grad([y1, y2], ins, [g1, g2])
+    want = torch.autograd.grad([r1, r2], ins, [g1.double(), g2.double()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=3e-2, atol=3e-2)
+    t = T // 2
+    later = [x.detach().clone() for x in ins]
+    for x in later:
+        x[:, :, t:] = torch.randn_like(x[:, :, t:])
+    z1, z2 = two_stream.causal_attention_pair(*later, 48 ** -0.5, None)
+    assert torch.equal(z1[:, :, :t], y1.detach()[:, :, :t]) and torch.equal(z2[:, :, :t], y2.detach()[:, :, :t])
+
+
+@needs_pair
+def test_pair_op_registration():
+    # torch.library's own checks of the custom op: fake kernel against the real one, autograd registration
+    B, T = 2, 64
+    mk = lambda h, d: torch.randn(B, h, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    args = (mk(2, 128), mk(2, 128), mk(2, 64), mk(4, 64), mk(4, 64), mk(4, 64), 0.125, 0.125)
+    torch.library.opcheck(two_stream._pair, args)
+
+
+def _gpu_module(streams, mask):
+    from ra_reference import cfg_for
+    torch.manual_seed(0)
+    cfg = cfg_for(NAME, ra_exact_streams=streams, n_head=12, n_embd=768, block_size=256)
+    mod = attention.build(NAME, cfg).cuda()
+    mod.perturb_gates_(torch.Generator().manual_seed(1))
+    mod.set_heads_mask(torch.tensor(mask, device="cuda"))
+    return mod
+
+
+def _fwd_bwd(mod, x):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = mod(x)
+    grads = torch.autograd.grad(y.float().square().sum(), [x] + list(mod.parameters()), allow_unused=True)
+    return [y] + [g for g in grads if g is not None]
+
+
+@needs_pair
+def test_two_streams_match_one_stream_eager_and_compiled():
+    # the module at 3 RA heads of 12 (a 124M layer, T = 255): two streams, eager and compiled (fullgraph, inductor),
+    # compute what one stream computes, the output and the gradients of the input and of every parameter
+    mask = [True] * 3 + [False] * 9
+    one, two = _gpu_module(1, mask), _gpu_module(2, mask)
+    x = torch.randn(4, 255, 768, device="cuda", requires_grad=True)
+    want = _fwd_bwd(one, x)
+    for got in (_fwd_bwd(two, x), _fwd_bwd(torch.compile(two, fullgraph=True), x)):
+        _assert_near(got, want)
+
+
+@needs_pair
+def test_two_streams_in_a_cuda_graph():
+    # a compiled training step (forward, backward) captured as one CUDA graph the way train.py --cuda-graph does
+    # (cuda_graph.graphed: warm-up on a side stream, then capture and replay), with the groups on two streams and
+    # on one: the replayed outputs and parameter gradients agree
+    from cuda_graph import graphed
+    mask = [True] * 3 + [False] * 9
+    x = torch.randn(4, 255, 768, device="cuda")
+    results = {}
+    for streams in (1, 2):
+        mod = _gpu_module(streams, mask)
+        compiled = torch.compile(mod, fullgraph=True)
+        static_x, out = torch.zeros_like(x), {}
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out["y"] = compiled(static_x)
+            out["y"].float().square().sum().backward()
+
+        run = graphed(step, torch.optim.SGD(mod.parameters(), lr=0.0), warmup=2)
+        for _ in range(3):  # two warm-up steps, then the capture and its first replay
+            static_x.copy_(torch.randn_like(x))
+            run()
+        static_x.copy_(x)
+        run()  # a replay on x
+        torch.cuda.synchronize()
+        results[streams] = [out["y"].clone()] + [p.grad.clone() for p in mod.parameters() if p.grad is not None]
+        run.release()
+    _assert_near(results[2], results[1])
+
+
+def _assert_near(got, want, rel=1e-2):
+    """Each tensor within rel of its reference in norm (bf16 attention: elementwise tolerances do not fit both the
+    outputs and the weight gradients, sums over 1020 tokens)."""
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+        assert err < rel, (i, tuple(b.shape), float(err))

@@ -134,6 +134,8 @@ HELP = {
     "ra_exact_operands": "ra_exact's folded operands: dense (the projection writes q' per head and v, each dense in "
                          "(B, T, H, .) order; k' is one pass over q') or cat (q' = [q, k] and k' = [a k, b q] "
                          "copied from q, k: the plain form, slower)",
+    "ra_exact_streams": "ra_exact_headsel on a CUDA GPU: 2 runs the RA and the plain heads' attention at once on two "
+                        "streams (attention/two_stream.py; Hopper or newer, cuDNN), 1 one after the other",
 }
 
 # the shared model fields; every other GPTConfig field is an attention option (a variant lists the ones it reads)
