@@ -190,8 +190,9 @@ class Bench:
                 raise Skip(f"no CUDA GPU: {GPU_ONLY[label]}")
             ex = function_extras(cfg, D, dev, self.dtype)
             fn = load_function(where, ex)
-            try:
-                mult = float(getattr(attention.get_class(owner), "attn_flop_mult", default_mult))
+            try:  # a span row states its own mult (a head-selective span runs part of its heads as RA heads)
+                mult = default_mult if shapes else float(getattr(attention.get_class(owner), "attn_flop_mult",
+                                                                 default_mult))
             except Exception:  # owner not registered (yet)
                 mult = default_mult
             attn = 4 * B * H * T * T * D / 2 * mult

@@ -123,10 +123,28 @@ def exact_span_dense(qk, v, a, b, backend="auto"):
     return exact_ra_bound(*ra_operands_dense(qk, v, a, b), backend)
 
 
+def headsel_span(qk, v_ra, qkv_plain, ex, streams):
+    """ra_exact_headsel's attention with a quarter of the heads RA heads (its projection outputs in, the two groups'
+    calls, on two CUDA streams or one after the other)."""
+    from attention.ra_exact_headsel import group_attention
+    K = v_ra.size(2)
+    return group_attention(qk, v_ra, qkv_plain, ex["a"][:K], ex["b"][:K], ex["backend"], streams)
+
+
+def _quarter(H):
+    return max(1, H // 4)
+
+
 SPAN_FUNCTIONS = [
     ("sdpa span", "sdpa", lambda qkv, ex: sdpa_span(qkv, ex["backend"]), 1.0, lambda H, D: [(3, H, D)]),
     ("exact span (dense)", "ra_exact", lambda qk, v, ex: exact_span_dense(qk, v, ex["a"], ex["b"], ex["backend"]),
      1.5, lambda H, D: [(H, 2 * D), (H, D)]),
+] + [
+    # #17's head-selective target: 25% RA heads. FLOPs 1 + 0.5 K / H of plain attention (the mult given here).
+    (f"headsel span (1/4 RA, {n} stream{'s' if n > 1 else ''})", "ra_exact_headsel",
+     lambda qk, v, rest, ex, n=n: headsel_span(qk, v, rest, ex, n), 1.125,
+     lambda H, D: [(_quarter(H), 2 * D), (_quarter(H), D), (3 * (H - _quarter(H)) * D,)])
+    for n in (2, 1)
 ]
 
 # functions that only run on a CUDA GPU: elsewhere their rows say skipped and why, instead of an error

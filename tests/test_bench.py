@@ -85,7 +85,8 @@ def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
                        "--reps", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["section"] for r in rows} == {"sweep_exact"}
-    labels = ["sdpa", "exact bound", "reciprocal_attention", "ctr_attention", "sdpa span", "exact span (dense)"]
+    headsel = ["headsel span (1/4 RA, 2 streams)", "headsel span (1/4 RA, 1 stream)"]
+    labels = ["sdpa", "exact bound", "reciprocal_attention", "ctr_attention", "sdpa span", "exact span (dense)"] + headsel
     for T in (16, 32, 64):
         for D in (8, 16):
             at = {(r["variant"], r["passes"]): r for r in rows if r["params"]["T"] == T and r["params"]["D"] == D}
@@ -95,12 +96,15 @@ def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
                     assert r["status"].startswith("skipped: no CUDA GPU") and r["ratio"] is None, r
                     continue
                 assert r["status"] == "ok" and r["ratio"] == pytest.approx(r["ms"] / at[("sdpa", p)]["ms"]), r
-                if "span" in v:  # projection outputs in: sdpa's (B, T, 3, H, D), ra_exact's q' and v
+                if v in headsel:  # 1 RA head of 2: its q' and v, the plain head's [q | k | v]
+                    assert r["params"]["input_shapes"] == [[1, T, 1, 2 * D], [1, T, 1, D], [1, T, 3 * D]], r
+                elif "span" in v:  # projection outputs in: sdpa's (B, T, 3, H, D), ra_exact's q' and v
                     assert r["params"]["input_shapes"] == ([[1, T, 3, 2, D]] if v == "sdpa span"
                                                            else [[1, T, 2, 2 * D], [1, T, 2, D]]), r
                 else:
                     assert r["params"]["head_dims"] == ([2 * D, 2 * D, D] if v == "exact bound" else [D, D, D]), r
-                flops = 4 * 1 * 2 * T * T * D / 2 * (1.0 if v.startswith("sdpa") else 1.5) * (3.5 if p == "fwd+bwd" else 1.0)
+                mult = 1.0 if v.startswith("sdpa") else 1.125 if v in headsel else 1.5
+                flops = 4 * 1 * 2 * T * T * D / 2 * mult * (3.5 if p == "fwd+bwd" else 1.0)
                 assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12), r
     printed = capsys.readouterr().out
     assert "| function | exact bound | T=64 D=16 | fwd+bwd |" in printed and "x sdpa" in printed
@@ -120,6 +124,14 @@ def test_exact_sweep_rows_ratios_and_the_bound_is_exact_ra(tmp_path, capsys):
     qk, vt = torch.cat([q, k], dim=-1).transpose(1, 2), v.transpose(1, 2)  # (B, T, H, 2D), (B, T, H, D)
     y = span["exact span (dense)"](qk, vt, dict(a=a, b=b, backend="auto"))
     torch.testing.assert_close(y, reciprocal_attention(q, k, v, a, b), rtol=1e-12, atol=1e-12)
+    # head-selective (3 heads: 1 RA head, 2 plain), on the CPU one stream whatever the row asks for: head 0 exact RA
+    # with a_0, b_0, heads 1, 2 plain attention
+    plain = torch.cat([t[:, 1:].transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)  # (B, T, 3 * 2 D)
+    want = torch.cat([reciprocal_attention(q[:, :1], k[:, :1], v[:, :1], a[:1], b[:1]),
+                      sdpa_causal(q[:, 1:], k[:, 1:], v[:, 1:])], dim=1)
+    for label in headsel:
+        y = span[label](qk[:, :, :1], vt[:, :, :1], plain, dict(a=a, b=b, backend="auto"))
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
 
 def test_roadmap_unfused_matches_its_formula():
