@@ -143,10 +143,6 @@ def train(tc, mc, notes, given, cleanup):
         with torch.cuda.stream(graph_stream) if graph_stream else nullcontext():
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         bucket_cap_mb=tc.ddp_bucket_mb, gradient_as_bucket_view=tc.ddp_bucket_view)
-            if tc.ddp_copy_engine:  # after DDP is built, before its first backward
-                from trainer.ce_allreduce import CopyEngineAllReduce, copy_engine_hook
-                n_grad = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-                model.register_comm_hook(CopyEngineAllReduce(n_grad, device), copy_engine_hook)
         if tc.compile and compile_after_ddp:
             model = torch.compile(model)
     # one optimizer step's micro-batches, in fixed device buffers (a CUDA graph reads fixed tensors; one

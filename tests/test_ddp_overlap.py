@@ -54,7 +54,7 @@ def test_one_process_runs_only_single_and_bad_configs_are_refused():
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "only `single` runs" in p.stdout and list(rows(p.stdout)) == ["single"]
     for bad, msg in (("sideways", "starts with single, inside, outside, manual or fsdp"),
-                     ("outside:fast", "is not view, bf16, ce or bMB"), ("single:view", "single has no DDP options"),
+                     ("outside:fast", "is not view, bf16 or bMB"), ("single:view", "single has no DDP options"),
                      ("fsdp:view", "fsdp has no options but compile"), ("manual:b10", "manual has no options"),
                      ("fsdp:graph", "fsdp has no graph option"), ("single:eager:graph", "recorded from the compiled"),
                      ("single:graph", "needs a CUDA GPU")):

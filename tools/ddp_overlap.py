@@ -17,8 +17,6 @@ Configurations (--configs, comma list):
                 the earlier layers still runs
   X:view        X with gradient_as_bucket_view=True (the gradients live in DDP's buckets: no copy)
   X:bMB         X with bucket_cap_mb=MB (DDP's default 25)
-  X:ce          X with the all-reduce copied between the 2 GPUs by the copy engines (trainer/ce_allreduce.py,
-                train.py --ddp-copy-engine; 2 CUDA GPUs)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
   X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
@@ -84,14 +82,12 @@ def parse_config(spec):
     for o in opts:
         if o == "bf16":
             kw["bf16"] = True
-        elif o == "ce":
-            kw["ce"] = True
         elif o == "view":
             kw["gradient_as_bucket_view"] = True
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, ce or bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16 or bMB (e.g. b100)")
     if order == "single" and kw:
         raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
     return order, kw
@@ -107,7 +103,6 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
-    copy_engine = kw.pop("ce", False)
     graph = kw.pop("graph", False)
     if graph and device.type != "cuda":
         raise SystemExit("a :graph config needs a CUDA GPU")
@@ -132,10 +127,6 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     else:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             ddp = DDP(raw if order == "outside" else torch.compile(raw, backend=backend), device_ids=ids, **kw)
-            if copy_engine:
-                from trainer.ce_allreduce import CopyEngineAllReduce, copy_engine_hook
-                ddp.register_comm_hook(CopyEngineAllReduce(sum(p.numel() for p in raw.parameters()), device),
-                                       copy_engine_hook)
         if bf16:
             ddp.register_comm_hook(None, bf16_allreduce)
         model = torch.compile(ddp, backend=backend) if order == "outside" else ddp

@@ -7,7 +7,6 @@ Values resolve as: dataclass default < preset < command line.
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -54,7 +53,6 @@ class TrainConfig:  # every field is a flag; what each does: HELP below
     ddp_bucket_mb: int = 25
     ddp_overlap: bool = False
     ddp_bucket_view: bool = False
-    ddp_copy_engine: bool = False
     device: str = "auto"
     dtype: str = "auto"
     wandb: bool = False
@@ -105,9 +103,6 @@ HELP = {
                    "around the compiled model, whose backward hands DDP every gradient at its end; docs/ddp.md)",
     "ddp_bucket_view": "DDP's gradient_as_bucket_view: the gradients live in DDP's buckets, so no copy into and out "
                        "of them per step (docs/ddp.md)",
-    "ddp_copy_engine": "2 CUDA GPUs under torchrun: all-reduce DDP's buckets by copying them into the other GPU's "
-                       "memory (copy engines, no SMs taken from the backward) instead of NCCL's kernels "
-                       "(trainer/ce_allreduce.py; docs/ddp.md)",
     "device": "auto, cuda, cuda:N, mps or cpu",
     "dtype": "auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float16 or float32",
     "wandb": "log to Weights & Biases (offline without an API key)",
@@ -291,11 +286,6 @@ def check_config(tc, mc):
                          "its all-reduce with the backward: add --compile or drop --ddp-overlap")
     if tc.fsdp:
         check_fsdp(tc)
-    if tc.ddp_copy_engine:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world != 2 or tc.device in ("cpu", "mps") or not torch.cuda.is_available():
-            raise ValueError(f"--ddp-copy-engine all-reduces between 2 CUDA GPUs of one host (torchrun "
-                             f"--nproc_per_node=2); this run has {world} process(es) on {tc.device}: drop it")
     bad = [c for c in tc.run_name if not (c.isalnum() or c in "-_.")]
     if bad:
         raise ValueError(f"--run-name={tc.run_name!r} may use letters, digits, '-', '_' and '.' only")
@@ -306,7 +296,7 @@ def check_config(tc, mc):
 
 def check_fsdp(tc):
     """--fsdp with an option it cannot run with: an error now, not a failure some steps in."""
-    for flag_name in ("ddp_overlap", "ddp_bucket_view", "ddp_copy_engine"):
+    for flag_name in ("ddp_overlap", "ddp_bucket_view"):
         if getattr(tc, flag_name):
             raise ValueError(f"--fsdp with {flag(flag_name)}: FSDP does not use DDP (its collectives already overlap "
                              f"per Block); drop {flag(flag_name)}")
