@@ -176,6 +176,21 @@ def test_streams_option_is_checked():
 
 # ----------------------------------------------------------------------------- two CUDA streams (GPU only)
 
+def test_pair_ops_on_meta_tensors():
+    # runs without a GPU: the two custom ops and their autograd wiring on meta tensors, through ATen's cuDNN attention
+    # schemas and meta kernels (a torch whose schemas changed fails here, in CI); outputs and gradients keep the
+    # (B, T, H, .) order of the inputs, which the module relies on (its output projection reads them as views)
+    mk = lambda h, d: torch.empty(2, 37, h, d, device="meta", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    ins = [mk(3, 96), mk(3, 96), mk(3, 48), mk(5, 64), mk(5, 64), mk(5, 64)]
+    y1, y2 = two_stream.causal_attention_pair(*ins, 48 ** -0.5, None)
+    assert y1.shape == (2, 3, 37, 48) and y2.shape == (2, 5, 37, 64)
+    assert y1.transpose(1, 2).is_contiguous() and y2.transpose(1, 2).is_contiguous()
+    grads = torch.autograd.grad([y1, y2], ins, [torch.empty_like(y1), torch.empty_like(y2)])
+    for g, x in zip(grads, ins):
+        assert g.shape == x.shape and g.transpose(1, 2).is_contiguous()
+    assert not two_stream.usable(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16))  # on the CPU: one stream
+
+
 def _pair_ok():
     if not torch.cuda.is_available():
         return False
