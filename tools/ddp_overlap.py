@@ -17,6 +17,9 @@ Configurations (--configs, comma list):
                 the earlier layers still runs
   X:view        X with gradient_as_bucket_view=True (the gradients live in DDP's buckets: no copy)
   X:bMB         X with bucket_cap_mb=MB (DDP's default 25)
+  X:solo        X with every rank in a DDP group of its own (world size 1): DDP's machinery and the compiled
+                graph's cuts at its buckets without any communication, so `of linear` is the share of one GPU's
+                speed that they leave; rank 0 trains as `single` does (same loss)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
   X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
@@ -82,12 +85,14 @@ def parse_config(spec):
     for o in opts:
         if o == "bf16":
             kw["bf16"] = True
+        elif o == "solo":
+            kw["solo"] = True
         elif o == "view":
             kw["gradient_as_bucket_view"] = True
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16 or bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo or bMB (e.g. b100)")
     if order == "single" and kw:
         raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
     return order, kw
@@ -103,6 +108,8 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
+    if kw.pop("solo", False):  # every rank makes every group (new_group is collective); each takes its own
+        kw["process_group"] = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
     graph = kw.pop("graph", False)
     if graph and device.type != "cuda":
         raise SystemExit("a :graph config needs a CUDA GPU")
