@@ -56,6 +56,14 @@ def perturb_ab_(a, b, generator):
     b.copy_(sign * torch.empty(n).uniform_(0.3, 1.0, generator=generator))
 
 
+def attend_folded(qf, kf, v, backend="auto"):
+    """Causal attention over the folded operands q', k' (B, n, T, 2 hs) and v (B, n, T, hs), scale 1/sqrt(hs), on
+    `backend`. flash needs equal qk/v head dims (cuDNN does not): V padded rather than leaving the fused kernel."""
+    attend = folded_attention_padded_v if backend == "flash" else folded_attention
+    with backend_context(backend):
+        return attend(qf, kf, v, v.size(-1) ** -0.5)
+
+
 class ExactRA(nn.Module):
     # the contract (attention/__init__.py); a, b unconstrained
     ra_family = True
@@ -99,11 +107,7 @@ class ExactRA(nn.Module):
         return self.attend(qf, kf, v)
 
     def attend(self, qf, kf, v):
-        """Causal attention over the folded operands q', k' (B, n, T, 2 hs) and v (B, n, T, hs), scale 1/sqrt(hs).
-        flash needs equal qk/v head dims (cuDNN does not): V padded rather than leaving the fused kernel."""
-        attend = folded_attention_padded_v if self.backend == "flash" else folded_attention
-        with backend_context(self.backend):
-            return attend(qf, kf, v, v.size(-1) ** -0.5)
+        return attend_folded(qf, kf, v, self.backend)
 
     def heads_dense(self, x, a, b):
         """heads() with q', k', v each dense in (B, T, H, .) order (ra_exact_operands=dense), weights a, b (nh,)."""

@@ -58,11 +58,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import two_stream
-from attention.functional import (
-    backend_context, folded_attention, folded_attention_padded_v, merge_heads, ra_operands_dense, sdpa_causal,
-    split_heads,
-)
-from attention.ra_exact import ExactRA, perturb_ab_
+from attention.functional import merge_heads, ra_operands_dense, sdpa_causal, split_heads
+from attention.ra_exact import ExactRA, attend_folded, perturb_ab_
 from attention.ra_headsel import HeadSelRA
 
 
@@ -78,9 +75,7 @@ def group_attention(qk, v_ra, qkv_plain, a, b, backend="auto", streams=2):
     if streams == 2 and backend in ("auto", "cudnn") and two_stream.usable(qf, kf, vf, q, k, v):
         y_ra, y_plain = two_stream.causal_attention_pair(qf, kf, vf, q, k, v, D ** -0.5, D ** -0.5)
     else:
-        attend = folded_attention_padded_v if backend == "flash" else folded_attention
-        with backend_context(backend):
-            y_ra = attend(qf, kf, vf, D ** -0.5)  # (B, K, T, hs)
+        y_ra = attend_folded(qf, kf, vf, backend)  # (B, K, T, hs)
         y_plain = sdpa_causal(q, k, v, backend=backend)  # (B, nh - K, T, hs)
     # both outputs are in (B, T, ., hs) order (cuDNN's follows its inputs'): concatenated in that order, the
     # output projection's merge_heads is then a view

@@ -85,8 +85,7 @@ def test_plain_heads_leave_the_folded_call(monkeypatch, operands):
         return wrapped
 
     monkeypatch.setattr(EH, "sdpa_causal", spy(EH.sdpa_causal, "plain"))
-    # the folded call (q' of head dim 2 hs): group_attention's, and ra_exact's for the cat operands and all-RA heads
-    monkeypatch.setattr(EH, "folded_attention", spy(EH.folded_attention, "ra"))
+    # the folded call (q' of head dim 2 hs), which every exact-RA path reaches through ra_exact.attend_folded
     monkeypatch.setattr(ra_exact_module, "folded_attention", spy(ra_exact_module.folded_attention, "ra"))
     mod = module64(ra_exact_operands=operands)
     x = rand(1, 9, C)
