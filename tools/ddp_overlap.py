@@ -20,6 +20,9 @@ Configurations (--configs, comma list):
   X:solo        X with every rank in a DDP group of its own (world size 1): DDP's machinery and the compiled
                 graph's cuts at its buckets without any communication, so `of linear` is the share of one GPU's
                 speed that they leave; rank 0 trains as `single` does (same loss)
+  X:pyreducer   X (outside only) with dynamo's optimize_ddp="python_reducer": DDP's C++ reducer off, each
+                gradient's all-reduce traced by compiled autograd into ONE compiled backward graph (no cuts at
+                buckets; inductor groups the all-reduces into buckets of bucket_cap_mb and schedules them)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
   X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
@@ -33,7 +36,10 @@ e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16,sing
 
 Before the configurations, rank 0 prints how long one all-reduce of the model's gradients takes (fp32 and
 bf16, all ranks): the communication a DDP step has to hide behind its backward. --profile N: N more steps
-of each configuration under torch.profiler; rank 0 prints its top kernels and the NCCL kernels' total.
+of each configuration under torch.profiler; rank 0 prints its top kernels, the NCCL kernels' total and all
+other kernels' total (the compute stream's busy time: against `single` it says whether DDP lengthens the compute
+or leaves the GPU idle); --profile-out DIR also writes every kernel of each configuration to DIR/<config>.txt.
+After the table, each DDP row's fastest and slowest rank (their medians).
 
 Per configuration: --warmup steps (compilation), then --steps timed steps (CUDA events, or perf_counter on
 the CPU); rank 0 prints the median ms/step over steps (the slowest rank's), the global tokens/s, the
@@ -87,14 +93,18 @@ def parse_config(spec):
             kw["bf16"] = True
         elif o == "solo":
             kw["solo"] = True
+        elif o == "pyreducer":
+            kw["pyreducer"] = True
         elif o == "view":
             kw["gradient_as_bucket_view"] = True
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo or bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo, pyreducer or bMB (e.g. b100)")
     if order == "single" and kw:
         raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
+    if kw.get("pyreducer") and (order != "outside" or kw.get("bf16") or kw.get("gradient_as_bucket_view")):
+        raise SystemExit(f"--configs: {spec!r}: pyreducer goes with outside only, without bf16 or view")
     return order, kw
 
 
@@ -108,6 +118,9 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
+    pyreducer = kw.pop("pyreducer", False)
+    torch._dynamo.config.optimize_ddp = "python_reducer" if pyreducer else True  # read when DDP is built
+    torch._inductor.config._fuse_ddp_communication = False  # python_reducer DDP sets it (globally) when built
     if kw.pop("solo", False):  # every rank makes every group (new_group is collective); each takes its own
         kw["process_group"] = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
     graph = kw.pop("graph", False)
@@ -140,9 +153,26 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     scaler = torch.amp.GradScaler(enabled=False)
     step = TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
                      ddp=order in ("inside", "outside"), after_backward=after_backward)
+    if pyreducer:  # every backward of the step through compiled autograd (which traces DDP's Python hooks)
+        step = CompiledAutogradStep(step, backend)
     launch = launcher(step, opt, graphed=graph, stream=stream, warmup=11 if order in ("inside", "outside") else 3)
     launch.step = step
     return launch
+
+
+class CompiledAutogradStep:
+    """A TrainStep whose backward calls run under compiled autograd (torch.compile of the whole backward,
+    hooks included), as dynamo's python_reducer mode of DDP needs."""
+
+    def __init__(self, step, backend):
+        self.inner, self.compiler = step, torch.compile(backend=backend)
+        self.loss_sum = step.loss_sum
+
+    def __call__(self, marks=None):
+        from torch._dynamo import compiled_autograd
+
+        with compiled_autograd._enable(self.compiler, dynamic=False):
+            self.inner(marks)
 
 
 def flat_allreduce(params):
@@ -177,9 +207,11 @@ def allreduce_ms(n, dtype, device, reps=10):
     return statistics.median(out)
 
 
-def top_kernels(launch, n, device, k=8):
-    """Run n steps under torch.profiler -> (lines of the top k kernels (CPU: ops), NCCL kernels' ms per step
-    (None on the CPU))."""
+def top_kernels(launch, n, device, k=8, out_path=None):
+    """Run n steps under torch.profiler -> (lines of the top k kernels (CPU: ops), NCCL kernels' ms per step,
+    all other kernels' ms per step (both None on the CPU)). The other kernels' sum is the compute stream's busy
+    time: against one GPU's it says whether DDP makes the compute itself longer (lost fusions at its graph
+    cuts, its own kernels, kernels slowed while an all-reduce shares the GPU) or leaves the GPU idle."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -194,9 +226,15 @@ def top_kernels(launch, n, device, k=8):
     evs = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0 and not getattr(e, "is_user_annotation", False)
            and (device.type != "cuda" or e.device_type.name == "CUDA")]
     evs.sort(key=lambda e: getattr(e, attr), reverse=True)
-    nccl = sum(getattr(e, attr) for e in evs if e.key.startswith("nccl")) / 1e3 / n if device.type == "cuda" else None
-    lines = [f"{getattr(e, attr) / 1e3 / n:8.2f} ms x{e.count // n:<4d} {e.key[:90]}" for e in evs[:k]]
-    return lines, nccl
+    nccl = other = None
+    if device.type == "cuda":
+        nccl = sum(getattr(e, attr) for e in evs if e.key.startswith("nccl")) / 1e3 / n
+        other = sum(getattr(e, attr) for e in evs if not e.key.startswith("nccl")) / 1e3 / n
+    lines = [f"{getattr(e, attr) / 1e3 / n:8.2f} ms x{e.count // n:<4d} {e.key[:90]}" for e in evs]
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return lines[:k], nccl, other
 
 
 def time_steps(launch, n, device):
@@ -228,6 +266,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", type=int, default=0, metavar="N", help="N more steps per config under torch.profiler")
+    p.add_argument("--profile-out", default=None, metavar="DIR",
+                   help="with --profile: rank 0 writes every kernel's ms per step to DIR/<config>.txt")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     if args.steps < 1 or args.warmup < 0:
@@ -259,7 +299,7 @@ def main(argv=None):
                 size = n_grad * torch.tensor([], dtype=dt).element_size()
                 print(f"all-reduce of the gradients, {n_grad / 1e6:.1f}M {str(dt)[6:]} ({size / 1e6:.0f} MB) over "
                       f"{world} ranks: {ms:.2f} ms, {size / ms / 1e6:.1f} GB/s algorithm bandwidth")
-    rows, profiles = [], []
+    rows, profiles, spreads = [], [], []
     for order, kw in configs:
         label = order + "".join(f" {k}={v}" for k, v in kw.items())
         ms, loss = float("nan"), float("nan")
@@ -272,13 +312,20 @@ def main(argv=None):
             ms = statistics.median(time_steps(launch, args.steps, device))
             loss = launch.step.loss_sum.item() / args.steps
             if args.profile:
-                profiles.append((label, *top_kernels(launch, args.profile, device)))
+                out_path = None
+                if args.profile_out and rank == 0:
+                    os.makedirs(args.profile_out, exist_ok=True)
+                    out_path = os.path.join(args.profile_out, label.replace(" ", "_").replace("=", "-") + ".txt")
+                profiles.append((label, *top_kernels(launch, args.profile, device, out_path=out_path)))
             launch.release()  # a graph holding captured collectives would hang destroy_process_group
         if ddp:
             worst = torch.tensor([ms if order != "single" else 0.0], device=device)
+            best = worst.clone()
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            dist.all_reduce(best, op=dist.ReduceOp.MIN)
             if order != "single":
                 ms = worst.item()
+                spreads.append(f"{label}: {best.item():.2f}-{ms:.2f} ms")
             dist.barrier()
         # which one-GPU row a row compares with: single:graph for graphs, single:eager for eager fsdp, else single
         ref = "graph" if kw.get("graph") else "eager" if kw.get("eager", order == "fsdp" and not kw.get("compile")) else ""
@@ -298,8 +345,12 @@ def main(argv=None):
             tps = n * tokens / (ms / 1e3)
             lin = f"{single[ref] / ms:.3f}" if ref in single else "-"  # = tokens/s / (world x single's per GPU)
             print(f"| {label} | {ms:.2f} | {tps:,.0f} | {lin} | {loss:.6f} |")
-        for label, lines, nccl in profiles:
-            what = f"NCCL kernels {nccl:.2f} ms per step" if nccl is not None else "CPU ops by self time"
+        if spreads:
+            print("\nmedian ms/step of the fastest and the slowest rank (the table shows the slowest):")
+            print("\n".join(spreads))
+        for label, lines, nccl, other in profiles:
+            what = (f"NCCL kernels {nccl:.2f} ms, all other kernels {other:.2f} ms per step" if nccl is not None
+                    else "CPU ops by self time")
             print(f"\n{label}: top kernels per step (rank 0), {what}")
             print("\n".join(lines))
     if ddp:
