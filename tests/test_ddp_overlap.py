@@ -71,3 +71,6 @@ def test_one_process_runs_only_single_and_bad_configs_are_refused():
         p = subprocess.run([sys.executable, TOOL, "--configs", bad] + SMALL, cwd=ROOT, capture_output=True, text=True,
                            timeout=60, env=env)
         assert p.returncode != 0 and msg in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, TOOL, "--configs", "single", "--profile-out", "somewhere"] + SMALL, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode != 0 and "add --profile 3" in p.stderr, p.stderr[-2000:]

@@ -162,7 +162,9 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
 
 class CompiledAutogradStep:
     """A TrainStep whose backward calls run under compiled autograd (torch.compile of the whole backward,
-    hooks included), as dynamo's python_reducer mode of DDP needs."""
+    hooks included), as dynamo's python_reducer mode of DDP needs. compiled_autograd._enable is torch's own
+    entry point for it (private; the public flag only covers a backward inside a compiled function); static
+    shapes, as every step here has the same ones."""
 
     def __init__(self, step, backend):
         self.inner, self.compiler = step, torch.compile(backend=backend)
@@ -272,6 +274,8 @@ def main(argv=None):
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.profile_out and args.profile < 1:
+        raise SystemExit("--profile-out writes what --profile N records: add --profile 3 (or another N >= 1)")
 
     train_argv = ["--preset", args.preset, "--attn", args.attn, "--device", args.device]
     if args.batch_size:
