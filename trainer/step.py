@@ -35,7 +35,6 @@ class TrainStep:
         self.loss_sum = torch.zeros((), device=device)
         self.aux_sum = torch.zeros((), device=device)
         self.grad_norm = torch.zeros((), device=device)
-        self.inv_accum = torch.tensor(1.0 / len(xbs), device=device)  # 1 / grad_accum
 
     def __call__(self, marks=None):
         grad_accum = len(self.xbs)
@@ -46,11 +45,7 @@ class TrainStep:
                     _, loss = self.model(self.xbs[micro], self.ybs[micro], return_logits=False)
                     aux = self.aux_loss()
                 mark(marks)
-                # the gradient of (loss + aux) / grad_accum, with no Python number in the autograd graph: compiled
-                # autograd (DDP's python_reducer) lifts such numbers as graph inputs, which torch 2.11's inductor
-                # then fails to read (bit-identical to the expression above: the incoming gradient is exactly 1)
-                outs = [self.scaler.scale(t) for t in (loss, aux) if t.requires_grad]  # aux: a constant 0 without regularizers
-                torch.autograd.backward(outs, [self.inv_accum.to(o.dtype) for o in outs])
+                self.scaler.scale((loss + aux) / grad_accum).backward()
                 mark(marks)
             self.loss_sum.add_(loss.detach() / grad_accum)
             self.aux_sum.add_(aux.detach() / grad_accum)
