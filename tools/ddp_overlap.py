@@ -20,9 +20,6 @@ Configurations (--configs, comma list):
   X:solo        X with every rank in a DDP group of its own (world size 1): DDP's machinery and the compiled
                 graph's cuts at its buckets without any communication, so `of linear` is the share of one GPU's
                 speed that they leave; rank 0 trains as `single` does (same loss)
-  X:pyreducer   X (outside only) with dynamo's optimize_ddp="python_reducer": DDP's C++ reducer off, each
-                gradient's all-reduce traced by compiled autograd into ONE compiled backward graph (no cuts at
-                buckets; inductor groups the all-reduces into buckets of bucket_cap_mb and schedules them)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
   X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
@@ -93,18 +90,14 @@ def parse_config(spec):
             kw["bf16"] = True
         elif o == "solo":
             kw["solo"] = True
-        elif o == "pyreducer":
-            kw["pyreducer"] = True
         elif o == "view":
             kw["gradient_as_bucket_view"] = True
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo, pyreducer or bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo or bMB (e.g. b100)")
     if order == "single" and kw:
         raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
-    if kw.get("pyreducer") and (order != "outside" or kw.get("bf16") or kw.get("gradient_as_bucket_view")):
-        raise SystemExit(f"--configs: {spec!r}: pyreducer goes with outside only, without bf16 or view")
     return order, kw
 
 
@@ -118,9 +111,6 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
-    pyreducer = kw.pop("pyreducer", False)
-    torch._dynamo.config.optimize_ddp = "python_reducer" if pyreducer else True  # read when DDP is built
-    torch._inductor.config._fuse_ddp_communication = False  # python_reducer DDP sets it (globally) when built
     if kw.pop("solo", False):  # every rank makes every group (new_group is collective); each takes its own
         kw["process_group"] = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
     graph = kw.pop("graph", False)
@@ -153,28 +143,9 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     scaler = torch.amp.GradScaler(enabled=False)
     step = TrainStep(model, raw, opt, scaler, autocast, raw.aux_loss, xbs, ybs, tc.grad_clip,
                      ddp=order in ("inside", "outside"), after_backward=after_backward)
-    if pyreducer:  # every backward of the step through compiled autograd (which traces DDP's Python hooks)
-        step = CompiledAutogradStep(step, backend)
     launch = launcher(step, opt, graphed=graph, stream=stream, warmup=11 if order in ("inside", "outside") else 3)
     launch.step = step
     return launch
-
-
-class CompiledAutogradStep:
-    """A TrainStep whose backward calls run under compiled autograd (torch.compile of the whole backward,
-    hooks included), as dynamo's python_reducer mode of DDP needs. compiled_autograd._enable is torch's own
-    entry point for it (private; the public flag only covers a backward inside a compiled function); static
-    shapes, as every step here has the same ones."""
-
-    def __init__(self, step, backend):
-        self.inner, self.compiler = step, torch.compile(backend=backend)
-        self.loss_sum = step.loss_sum
-
-    def __call__(self, marks=None):
-        from torch._dynamo import compiled_autograd
-
-        with compiled_autograd._enable(self.compiler, dynamic=False):
-            self.inner(marks)
 
 
 def flat_allreduce(params):
