@@ -28,29 +28,34 @@ def test_configs_run_and_ddp_orders_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TOOL,
                         "--configs", "single,single:eager,inside,outside,outside:view:b1,outside:bf16,manual,fsdp,fsdp:compile,"
-                        "outside:solo:b1",
+                        "outside:solo:b1,single:a2,outside:solo:a2",
                         "--profile", "1", "--profile-out", str(tmp_path)] + SMALL,
                        cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = rows(p.stdout)
     assert list(r) == ["single", "single eager=True", "inside", "outside",
                        "outside gradient_as_bucket_view=True bucket_cap_mb=1", "outside bf16=True", "manual", "fsdp",
-                       "fsdp compile=True", "outside solo=True bucket_cap_mb=1"], p.stdout
+                       "fsdp compile=True", "outside solo=True bucket_cap_mb=1", "single accum=2",
+                       "outside solo=True accum=2"], p.stdout
     assert all(ms > 0 for ms, _ in r.values())
     # same weights, batches and averaged gradients: the DDP, manual all-reduce and FSDP rows train alike (fp32)
     losses = [loss for label, (_, loss) in r.items() if not label.startswith("single") and "bf16" not in label
-              and "solo" not in label]
+              and "solo" not in label and "accum" not in label]
     assert max(losses) - min(losses) < 1e-5, r
     # gradients rounded to bf16 before the optimizer: the same training within bf16 rounding, but not bit-equal
     assert 0 < abs(r["outside bf16=True"][1] - r["outside"][1]) < 1e-2, r
     assert abs(r["single"][1] - r["single eager=True"][1]) < 1e-5, r
     # each rank in a DDP group of its own: no averaging, so rank 0 trains as the single process does
     assert abs(r["outside solo=True bucket_cap_mb=1"][1] - r["single"][1]) < 1e-5, r
+    # accumulation (aN): the micro-steps without DDP's sync accumulate as one process does, and they change the
+    # training (two batches per step, not one)
+    assert abs(r["outside solo=True accum=2"][1] - r["single accum=2"][1]) < 1e-5, r
+    assert abs(r["single accum=2"][1] - r["single"][1]) > 1e-4, r
     assert "x 2," in p.stdout  # the world size in the header
     assert re.search(r"all-reduce of the gradients, [\d.]+M float32 .* ms", p.stdout), p.stdout
-    assert p.stdout.count("top kernels per step") == 10, p.stdout  # --profile: one list per configuration
+    assert p.stdout.count("top kernels per step") == 12, p.stdout  # --profile: one list per configuration
     # --profile-out: every configuration's whole op table, one file each
-    assert len(list(tmp_path.glob("*.txt"))) == 10 and (tmp_path / "outside.txt").read_text().count(" ms x") > 8
+    assert len(list(tmp_path.glob("*.txt"))) == 12 and (tmp_path / "outside.txt").read_text().count(" ms x") > 8
     # every DDP configuration's ranks: the fastest and the slowest rank's median
     assert re.search(r"^outside solo=True bucket_cap_mb=1: [\d.]+-[\d.]+ ms$", p.stdout, re.M), p.stdout
 
@@ -62,10 +67,11 @@ def test_one_process_runs_only_single_and_bad_configs_are_refused():
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "only `single` runs" in p.stdout and list(rows(p.stdout)) == ["single"]
     for bad, msg in (("sideways", "starts with single, inside, outside, manual or fsdp"),
-                     ("outside:fast", "is not view, bf16, solo or bMB"), ("single:view", "single has no DDP options"),
+                     ("outside:fast", "is not view, bf16, solo, bMB (e.g. b100) or aN"), ("single:view", "single has no DDP options"),
                      ("fsdp:view", "fsdp has no options but compile"), ("manual:b10", "manual has no options"),
                      ("fsdp:graph", "fsdp has no graph option"), ("single:eager:graph", "recorded from the compiled"),
-                     ("single:graph", "needs a CUDA GPU")):
+                     ("single:graph", "needs a CUDA GPU"), ("manual:a2", "manual has no aN option"),
+                     ("outside:a0", "one aN option with N >= 1"), ("outside:a2:a3", "one aN option")):
         p = subprocess.run([sys.executable, TOOL, "--configs", bad] + SMALL, cwd=ROOT, capture_output=True, text=True,
                            timeout=60, env=env)
         assert p.returncode != 0 and msg in p.stderr, p.stderr[-2000:]

@@ -22,6 +22,10 @@ Configurations (--configs, comma list):
                 speed that they leave; rank 0 trains as `single` does (same loss)
   X:bf16        X with DDP's bf16_compress_hook: gradients all-reduced in bf16, half the bytes (numerics
                 change: the sum is rounded to bf16 before the optimizer sees it)
+  X:aN          X with N micro-steps per optimizer step (--grad-accum N per rank; under DDP only the last one
+                all-reduces): DDP's cost is paid once per N micro-steps, as in a run with a larger batch. A DDP
+                row's `of linear` compares it with the one-GPU row of the same kind that trains the same global
+                batch (single:a(world x N)) if there is one, else with single at the same N (also single:aN)
   X:graph       X's whole step (the all-reduce included) recorded as one CUDA graph and replayed, as train.py
                 --cuda-graph does: no host launches, so no rank waits for the other's host (also single:graph;
                 GPU only)
@@ -29,7 +33,8 @@ Configurations (--configs, comma list):
                 into one buffer (what DDP's cost is beyond the all-reduce itself)
   fsdp          FSDP2 as train.py --fsdp builds it (fully_shard per Block, bf16 parameters, fp32 reduction), eager
   fsdp:compile  the same with each Block's forward compiled before it is sharded (train.py --fsdp --compile)
-e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16,single:graph,inside:graph.
+e.g. --configs single,inside,outside,outside:view,outside:b100,outside:bf16,single:graph,inside:graph;
+single:graph:a4,outside:view:b100:graph:a2 (2 GPUs at accumulation 2 against one GPU with the same batch).
 
 Before the configurations, rank 0 prints how long one all-reduce of the model's gradients takes (fp32 and
 bf16, all ranks): the communication a DDP step has to hide behind its backward. --profile N: N more steps
@@ -40,7 +45,8 @@ After the table, each DDP row's fastest and slowest rank (their medians).
 
 Per configuration: --warmup steps (compilation), then --steps timed steps (CUDA events, or perf_counter on
 the CPU); rank 0 prints the median ms/step over steps (the slowest rank's), the global tokens/s, the
-fraction of linear scaling against `single` (world x its tokens/s), and the mean loss of the timed steps:
+fraction of linear scaling against `single` (world x its tokens/s; with aN, the single row with the same global
+batch if the list has one), and the mean loss of the timed steps:
 every configuration starts from the same weights and draws the same batches, so on the CPU in fp32 the
 DDP rows' losses agree to rounding (tests/test_ddp_overlap.py), on a GPU within bf16 noise.
 A diagnostic, not a benchmark of record: measured numbers go to docs/bench.md with the command.
@@ -67,6 +73,14 @@ from trainer.step import TrainStep, launcher  # noqa: E402
 def parse_config(spec):
     """'outside:view:b100' -> ('outside', {'gradient_as_bucket_view': True, 'bucket_cap_mb': 100})."""
     order, *opts = spec.strip().split(":")
+    accum = [o for o in opts if o.startswith("a") and o[1:].isdigit()]
+    if accum:
+        if len(accum) > 1 or int(accum[0][1:]) < 1:
+            raise SystemExit(f"--configs: {spec!r}: one aN option with N >= 1 (micro-steps per optimizer step)")
+        if order in ("manual", "fsdp"):
+            raise SystemExit(f"--configs: {spec!r}: {order} has no aN option (no accumulation in its step here)")
+        order, kw = parse_config(":".join([order, *[o for o in opts if o not in accum]]))
+        return order, {**kw, "accum": int(accum[0][1:])}
     if order not in ("single", "inside", "outside", "manual", "fsdp"):
         raise SystemExit(f"--configs: {spec!r}: starts with single, inside, outside, manual or fsdp")
     graph = "graph" in opts
@@ -95,7 +109,7 @@ def parse_config(spec):
         elif o.startswith("b") and o[1:].isdigit():
             kw["bucket_cap_mb"] = int(o[1:])
         else:
-            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo or bMB (e.g. b100)")
+            raise SystemExit(f"--configs: {spec!r}: option {o!r} is not view, bf16, solo, bMB (e.g. b100) or aN (e.g. a2)")
     if order == "single" and kw:
         raise SystemExit(f"--configs: {spec!r}: single has no DDP options (only single:eager)")
     return order, kw
@@ -111,6 +125,7 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     raw = GPT(mc).to(device)
     kw = dict(ddp_kw)
     eager, bf16, compile_blocks = kw.pop("eager", False), kw.pop("bf16", False), kw.pop("compile", False)
+    kw.pop("accum", None)  # TrainStep runs one micro-step per batch in xbs
     if kw.pop("solo", False):  # every rank makes every group (new_group is collective); each takes its own
         kw["process_group"] = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
     graph = kw.pop("graph", False)
@@ -262,8 +277,9 @@ def main(argv=None):
     # the batches of rank r: the same in every configuration, different across ranks
     g = torch.Generator().manual_seed(1234 + rank)
     B, T = tc.batch_size, mc.block_size
-    xbs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)]
-    ybs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device)]
+    n_micro = max(kw.get("accum", 1) for _, kw in configs)  # a config with aN trains on the first N
+    xbs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device) for _ in range(n_micro)]
+    ybs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device) for _ in range(n_micro)]
 
     if ddp:
         with device:  # built where it trains (a 1B model's init on the CPU takes long); only its size is needed
@@ -281,7 +297,8 @@ def main(argv=None):
         if order == "single" and rank != 0:
             pass  # rank 0 alone; the others wait at the barrier below
         else:
-            launch = build(order, kw, mc, tc, device, args.compile_backend, autocast, xbs, ybs)
+            accum = kw.get("accum", 1)
+            launch = build(order, kw, mc, tc, device, args.compile_backend, autocast, xbs[:accum], ybs[:accum])
             time_steps(launch, args.warmup + (11 if kw.get("graph") else 0), device)  # (a graph: warm-up, record)
             launch.step.loss_sum.zero_()
             ms = statistics.median(time_steps(launch, args.steps, device))
@@ -304,21 +321,22 @@ def main(argv=None):
             dist.barrier()
         # which one-GPU row a row compares with: single:graph for graphs, single:eager for eager fsdp, else single
         ref = "graph" if kw.get("graph") else "eager" if kw.get("eager", order == "fsdp" and not kw.get("compile")) else ""
-        rows.append((order, ref, label, ms, loss))
+        rows.append((order, ref, kw.get("accum", 1), label, ms, loss))
 
     if rank == 0:
-        tokens = B * T  # per rank and step
         # the one-GPU reference of each row: compiled single for DDP, manual and fsdp:compile, single:eager for
-        # fsdp, single:graph for the graphed rows
-        single = {ref: ms for o, ref, _, ms, _ in rows if o == "single"}
+        # fsdp, single:graph for the graphed rows; of those, the one that trains the same global batch (world x
+        # this row's accumulation), else the one at the same accumulation
+        single = {(ref, a): B * T * a / (ms / 1e3) for o, ref, a, _, ms, _ in rows if o == "single"}  # tokens/s
         print(f"device {device} x {world}, torch {torch.__version__}, {args.preset} attn={args.attn}, "
-              f"{B} x {T} tokens per rank and step, compile backend {args.compile_backend}")
+              f"{B} x {T} tokens per rank and micro-step (x accum per step), compile backend {args.compile_backend}")
         print("| config | ms/step | tokens/s | of linear | mean loss |")
         print("|---|---|---|---|---|")
-        for order, ref, label, ms, loss in rows:
+        for order, ref, a, label, ms, loss in rows:
             n = 1 if order == "single" else world
-            tps = n * tokens / (ms / 1e3)
-            lin = f"{single[ref] / ms:.3f}" if ref in single else "-"  # = tokens/s / (world x single's per GPU)
+            tps = n * B * T * a / (ms / 1e3)
+            one = single.get((ref, a)) if order == "single" else single.get((ref, world * a), single.get((ref, a)))
+            lin = f"{tps / (n * one):.3f}" if one else "-"  # of world x one GPU's tokens/s
             print(f"| {label} | {ms:.2f} | {tps:,.0f} | {lin} | {loss:.6f} |")
         if spreads:
             print("\nmedian ms/step of the fastest and the slowest rank (the table shows the slowest):")
