@@ -60,7 +60,7 @@ def test_configs_run_and_ddp_orders_agree(tmp_path):
     assert re.search(r"^outside solo=True bucket_cap_mb=1: [\d.]+-[\d.]+ ms$", p.stdout, re.M), p.stdout
 
 
-def test_one_process_runs_only_single_and_bad_configs_are_refused():
+def test_one_process_runs_only_single_and_bad_configs_are_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, TOOL, "--configs", "single,outside"] + SMALL, cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=env)
@@ -75,6 +75,15 @@ def test_one_process_runs_only_single_and_bad_configs_are_refused():
         p = subprocess.run([sys.executable, TOOL, "--configs", bad] + SMALL, cwd=ROOT, capture_output=True, text=True,
                            timeout=60, env=env)
         assert p.returncode != 0 and msg in p.stderr, p.stderr[-2000:]
+    # --dataset: real windows, new ones every step (here the generated synthetic-recall set, a small vocabulary)
+    p = subprocess.run([sys.executable, TOOL, "--configs", "single:a2", "--dataset", "synthetic-recall", "--data-root",
+                        str(tmp_path / "data")] + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (ms, loss), = rows(p.stdout).values()
+    assert ms > 0 and loss < 7.0, p.stdout  # the dataset's small vocabulary, not GPT-2's 50257 tokens (about 10.8)
+    p = subprocess.run([sys.executable, TOOL, "--configs", "single", "--dataset", "nonesuch", "--data-root",
+                        str(tmp_path / "data")] + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode != 0 and "--dataset nonesuch" in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
     p = subprocess.run([sys.executable, TOOL, "--configs", "single", "--profile-out", "somewhere"] + SMALL, cwd=ROOT,
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode != 0 and "add --profile 3" in p.stderr, p.stderr[-2000:]

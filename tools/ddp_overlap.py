@@ -43,6 +43,10 @@ other kernels' total (the compute stream's busy time: against `single` it says w
 or leaves the GPU idle); --profile-out DIR also writes every kernel of each configuration to DIR/<config>.txt.
 After the table, each DDP row's fastest and slowest rank (their medians).
 
+--dataset NAME: the steps train on that dataset's windows, new ones before every step as train.py loads them (the
+copies inside the timed step), instead of fixed random tokens; token ids with real text's repetitions change the
+embedding's backward. The loss column then differs between rows (each row reads on from where the last stopped).
+
 Per configuration: --warmup steps (compilation), then --steps timed steps (CUDA events, or perf_counter on
 the CPU); rank 0 prints the median ms/step over steps (the slowest rank's), the global tokens/s, the
 fraction of linear scaling against `single` (world x its tokens/s; with aN, the single row with the same global
@@ -163,6 +167,17 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
     return launch
 
 
+def refilled(launch, loader, xbs, ybs):
+    """launch, with the loader's next micro-batches copied into xbs, ybs before each step."""
+    from trainer.step import load_batches
+
+    def run(marks=None):
+        load_batches(loader, xbs, ybs)
+        launch(marks)
+    run.step, run.release = launch.step, launch.release
+    return run
+
+
 def flat_allreduce(params):
     """The mean of every gradient over the ranks with one all-reduce: copied into one flat buffer, reduced,
     copied back (DDP's buckets, as one bucket, without DDP's hooks)."""
@@ -249,6 +264,9 @@ def main(argv=None):
     p.add_argument("--preset", default="gpt2-124m")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the preset's)")
+    p.add_argument("--dataset", default=None, help="train on this dataset's windows (e.g. prose), new ones every "
+                   "step as train.py does (the copies timed with the step); default: fixed random tokens")
+    p.add_argument("--data-root", default=None, help="with --dataset: train.py's --data-root")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
     p.add_argument("--warmup", type=int, default=5)
@@ -266,8 +284,22 @@ def main(argv=None):
     train_argv = ["--preset", args.preset, "--attn", args.attn, "--device", args.device]
     if args.batch_size:
         train_argv += ["--batch-size", str(args.batch_size)]
+    if args.dataset:
+        train_argv += ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
     tc, mc, _, _ = parse_args(train_argv)
     ddp, rank, world, device = init_device(tc.device)
+    loader = None
+    if args.dataset:  # as train.py opens it: rank 0 prepares, every rank reads its own micro-batches
+        from data.loader import load_meta
+        from trainer.runs import RunError, ensure_data, open_splits
+
+        try:
+            data_dir = ensure_data(tc, print if rank == 0 else (lambda *a, **k: None), rank == 0, ddp)
+            mc.vocab_size = load_meta(data_dir)["vocab_size"]
+            tc.grad_accum = max(kw.get("accum", 1) for _, kw in configs)
+            loader, _ = open_splits(data_dir, tc, mc, rank, world, pin_memory=device.type == "cuda")
+        except RunError as e:
+            raise SystemExit(f"--dataset {args.dataset}: {e}")
     if not ddp and any(o != "single" for o, _ in configs):
         print("one process: only `single` runs; the DDP and FSDP rows need torchrun --nproc_per_node=N (N >= 2)")
         configs = [c for c in configs if c[0] == "single"]
@@ -299,6 +331,8 @@ def main(argv=None):
         else:
             accum = kw.get("accum", 1)
             launch = build(order, kw, mc, tc, device, args.compile_backend, autocast, xbs[:accum], ybs[:accum])
+            if loader is not None:  # new windows into the step's buffers before each step, as train.py loads them
+                launch = refilled(launch, loader, xbs, ybs)  # all of them: the loader counts whole steps
             time_steps(launch, args.warmup + (11 if kw.get("graph") else 0), device)  # (a graph: warm-up, record)
             launch.step.loss_sum.zero_()
             ms = statistics.median(time_steps(launch, args.steps, device))
