@@ -71,7 +71,7 @@ from model import GPT  # noqa: E402
 from trainer import fsdp  # noqa: E402
 from trainer.common import exit_process, init_device  # noqa: E402
 from trainer.config import parse_args  # noqa: E402
-from trainer.step import TrainStep, launcher  # noqa: E402
+from trainer.step import TrainStep, launcher, load_batches  # noqa: E402
 
 
 def parse_config(spec):
@@ -169,8 +169,6 @@ def build(order, ddp_kw, mc, tc, device, backend, autocast, xbs, ybs):
 
 def refilled(launch, loader, xbs, ybs):
     """launch, with the loader's next micro-batches copied into xbs, ybs before each step."""
-    from trainer.step import load_batches
-
     def run(marks=None):
         load_batches(loader, xbs, ybs)
         launch(marks)
@@ -288,6 +286,7 @@ def main(argv=None):
         train_argv += ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
     tc, mc, _, _ = parse_args(train_argv)
     ddp, rank, world, device = init_device(tc.device)
+    n_micro = max(kw.get("accum", 1) for _, kw in configs)  # the most micro-steps a config takes (aN: the first N)
     loader = None
     if args.dataset:  # as train.py opens it: rank 0 prepares, every rank reads its own micro-batches
         from data.loader import load_meta
@@ -296,7 +295,7 @@ def main(argv=None):
         try:
             data_dir = ensure_data(tc, print if rank == 0 else (lambda *a, **k: None), rank == 0, ddp)
             mc.vocab_size = load_meta(data_dir)["vocab_size"]
-            tc.grad_accum = max(kw.get("accum", 1) for _, kw in configs)
+            tc.grad_accum = n_micro
             loader, _ = open_splits(data_dir, tc, mc, rank, world, pin_memory=device.type == "cuda")
         except RunError as e:
             raise SystemExit(f"--dataset {args.dataset}: {e}")
@@ -309,7 +308,6 @@ def main(argv=None):
     # the batches of rank r: the same in every configuration, different across ranks
     g = torch.Generator().manual_seed(1234 + rank)
     B, T = tc.batch_size, mc.block_size
-    n_micro = max(kw.get("accum", 1) for _, kw in configs)  # a config with aN trains on the first N
     xbs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device) for _ in range(n_micro)]
     ybs = [torch.randint(0, mc.vocab_size, (B, T), generator=g).to(device) for _ in range(n_micro)]
 
